@@ -1,0 +1,151 @@
+"""Quantities as work items: what each public call asks every strategy to compute.
+
+Each quantity is a table row: how many work items it has per sample, what one item's result
+looks like (the *tail*), and how a block of items is computed from a strategy's kernels.
+Items of second-order quantities are pairs ``(k, j)`` in row-major order: selected output
+``k``, Hessian row ``j``. A block of items ``[i0, i1)`` for samples ``[s0, s1)`` therefore
+maps to a contiguous slice of the result, so blocks stream straight into a sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._problem import Problem
+from .strategies import Strategy, has_jvps
+
+
+def one_hot(index: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Rows of the identity, without forming it: shape ``(len(index), size)``."""
+    out = like.new_zeros((index.numel(), size))
+    out[torch.arange(index.numel(), device=out.device), index] = 1
+    return out
+
+
+@dataclass(frozen=True)
+class Work:
+    """One block of work: samples ``[s0, s1)`` and items ``[i0, i1)``."""
+
+    x: torch.Tensor  # (s, n)
+    items: torch.Tensor  # (r,) flat item indices
+    v: torch.Tensor | None  # (s, n) direction of an hvp call, else None
+
+
+Block = tuple[torch.Tensor, torch.Tensor | None]
+Kernel = Callable[[Strategy, Problem, Work, bool], dict[str, Block]]
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """How a quantity is computed.
+
+    Attributes:
+        name: Public name.
+        second_order: Needs Hessian-vector products (so double differentiation).
+        items: Work items per sample, given the problem and the strategy.
+        outputs: For each array it writes: its items per sample and its tail shape.
+        kernel: Computes the blocks of one :class:`Work`: for each array, the values,
+            shape ``(r', s, *tail)``, and the item indices they go to (``None``: the
+            work's own items).
+    """
+
+    name: str
+    second_order: bool
+    items: Callable[[Problem, Strategy], int]
+    outputs: Callable[[Problem, Strategy], dict[str, tuple[int, tuple[int, ...]]]]
+    kernel: Kernel
+
+
+def forward_jacobian(problem: Problem, strategy: Strategy) -> bool:
+    """Push ``n`` tangents forward rather than pull ``m`` cotangents back."""
+    return has_jvps(strategy) and problem.n < problem.m
+
+
+def _pairs(problem: Problem, work: Work) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot cotangents ``(r, s, m)`` and directions ``(r, s, n)`` of ``(k, j)`` items."""
+    s = work.x.shape[0]
+    k, j = work.items // problem.n, work.items % problem.n
+    u = one_hot(k, problem.m, work.x)[:, None].expand(-1, s, -1)
+    v = one_hot(j, problem.n, work.x)[:, None].expand(-1, s, -1)
+    return u, v
+
+
+def _jacobian_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
+    s = w.x.shape[0]
+    if forward_jacobian(p, st):
+        v = one_hot(w.items, p.n, w.x)[:, None].expand(-1, s, -1)
+        return {"jacobian": (st.jvps(p.fn, w.x, v, graph), None)}  # type: ignore[attr-defined]
+    u = one_hot(w.items, p.m, w.x)[:, None].expand(-1, s, -1)
+    return {"jacobian": (st.vjps(p.fn, w.x, u, graph), None)}
+
+
+def _hessian_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
+    u, v = _pairs(p, w)
+    return {"hessian": (st.hvps(p.fn, w.x, u, v, graph)[1], None)}
+
+
+def _diag_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
+    u, v = _pairs(p, w)
+    hv = st.hvps(p.fn, w.x, u, v, graph)[1]  # (r, s, n)
+    j = (w.items % p.n)[:, None, None].expand(-1, hv.shape[1], 1)
+    return {"diag": (hv.gather(2, j)[..., 0], None)}
+
+
+def _hvp_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
+    s = w.x.shape[0]
+    u = one_hot(w.items, p.m, w.x)[:, None].expand(-1, s, -1)
+    v = w.v[None].expand(w.items.numel(), -1, -1)  # type: ignore[index]
+    return {"hvp": (st.hvps(p.fn, w.x, u, v, graph)[1], None)}
+
+
+def _derivatives_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
+    u, v = _pairs(p, w)
+    g, hv = st.hvps(p.fn, w.x, u, v, graph)
+    first = (w.items % p.n) == 0  # one gradient per output: keep the items with j == 0
+    return {"hessian": (hv, None), "gradient": (g[first], w.items[first] // p.n)}
+
+
+def _pair_items(p: Problem, st: Strategy) -> int:
+    return p.m * p.n
+
+
+def _hessian_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {"hessian": (p.m * p.n, (p.n,))}
+
+
+def _diag_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {"diag": (p.m * p.n, ())}
+
+
+def _hvp_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {"hvp": (p.m, (p.n,))}
+
+
+QUANTITIES: dict[str, Quantity] = {
+    q.name: q
+    for q in (
+        Quantity(
+            "jacobian",
+            False,
+            lambda p, st: p.n if forward_jacobian(p, st) else p.m,
+            lambda p, st: {
+                "jacobian": (p.n, (p.m,)) if forward_jacobian(p, st) else (p.m, (p.n,))
+            },
+            _jacobian_kernel,
+        ),
+        Quantity("hessian", True, _pair_items, _hessian_out, _hessian_kernel),
+        Quantity("hessian_diag", True, _pair_items, _diag_out, _diag_kernel),
+        Quantity("laplacian", True, _pair_items, _diag_out, _diag_kernel),
+        Quantity("hvp", True, lambda p, st: p.m, _hvp_out, _hvp_kernel),
+        Quantity(
+            "derivatives",
+            True,
+            _pair_items,
+            lambda p, st: {**_hessian_out(p, st), "gradient": (p.m, (p.n,))},
+            _derivatives_kernel,
+        ),
+    )
+}

@@ -1,0 +1,85 @@
+"""Shared pieces of the public front: option checks, result layout, result warnings."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import torch
+
+from ._problem import Problem
+from .errors import (
+    NonFiniteResultWarning,
+    PiecewiseLinearWarning,
+    UnsupportedInputError,
+    ZeroDerivativeWarning,
+)
+
+
+def check_options(api: str, chunk_size: int | None, strategy: str, **flags: object) -> None:
+    if chunk_size is not None and (
+        not isinstance(chunk_size, numbers.Integral)
+        or isinstance(chunk_size, bool)
+        or chunk_size < 1
+    ):
+        raise UnsupportedInputError(
+            f"{api}: expected chunk_size to be None (all at once) or a positive int, got "
+            f"{chunk_size!r}. Use chunk_size=1 for one Hessian row at a time."
+        )
+    if not isinstance(strategy, str):
+        raise UnsupportedInputError(
+            f"{api}: expected strategy to be a name such as 'auto', got {type(strategy).__name__}."
+        )
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise UnsupportedInputError(
+                f"{api}: expected {name} to be True or False, got {value!r}."
+            )
+
+
+def finish(problem: Problem, arr: torch.Tensor, input_dims: int, flat: bool) -> torch.Tensor:
+    """Reshapes ``(B, m * n**input_dims)``-sized data to the documented layout."""
+    per_out = (problem.m,) if problem.sel_shape != () else ()
+    if flat:
+        shape = per_out + (problem.n,) * input_dims
+    else:
+        shape = tuple(problem.sel_shape) + tuple(problem.in_shape) * input_dims
+    out = arr.reshape((problem.batch, *shape))
+    if not problem.batched:
+        out = out[0]
+    return out.to(problem.out_dtype).contiguous()
+
+
+def warn_zero(problem: Problem, arr: torch.Tensor, second_order: bool) -> None:
+    """The warnings of an all-zero or non-finite result."""
+    finite = torch.isfinite(arr.detach())
+    if not bool(finite.all()):
+        per_sample = finite.reshape(arr.shape[0], -1).all(1)
+        bad = (~per_sample).nonzero().flatten().tolist()[:10]
+        warnings.warn(
+            f"{problem.api}: the result holds NaN/Inf although x is finite (samples {bad}). "
+            "Common causes: torch.where with a singular unselected branch, sqrt or norm at "
+            "0, overflow in low precision. Try float64 or torch.autograd.detect_anomaly().",
+            NonFiniteResultWarning,
+            stacklevel=3,
+        )
+        return
+    if bool((arr != 0).any()):
+        return
+    if second_order and problem.piecewise_ops:
+        warnings.warn(
+            f"{problem.api}: the result is all zero because the model's nonlinearities "
+            f"({', '.join(problem.piecewise_ops)}) are piecewise linear: their second "
+            "derivative is zero almost everywhere and AD does not see the kinks. Use a "
+            "smooth activation (Softplus, GELU, SiLU, tanh) if curvature is needed.",
+            PiecewiseLinearWarning,
+            stacklevel=3,
+        )
+    elif not second_order:
+        warnings.warn(
+            f"{problem.api}: the Jacobian is all zero: the selected outputs do not depend "
+            "on x. If unexpected, check that f uses its argument (closing over a tensor "
+            "instead is a common cause).",
+            ZeroDerivativeWarning,
+            stacklevel=3,
+        )

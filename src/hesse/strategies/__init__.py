@@ -1,0 +1,9 @@
+"""The registry of strategies; importing this package registers the built-in ones."""
+
+from . import functorch as functorch
+from . import loop as loop
+from .base import Strategy as Strategy
+from .base import available_strategies as available_strategies
+from .base import get_strategy as get_strategy
+from .base import has_jvps as has_jvps
+from .base import register_strategy as register_strategy
