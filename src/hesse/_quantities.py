@@ -64,48 +64,63 @@ def forward_jacobian(problem: Problem, strategy: Strategy) -> bool:
     return has_jvps(strategy) and problem.n < problem.m
 
 
-def _pairs(problem: Problem, work: Work) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-hot cotangents ``(r, s, m)`` and directions ``(r, s, n)`` of ``(k, j)`` items."""
+def _runs(problem: Problem, work: Work):
+    """Splits ``(k, j)`` items into runs of one output ``k``.
+
+    Yields:
+        ``(positions, u, v)``: positions of the run in the block, the one-hot cotangent
+        ``(s, m)`` of output ``k``, and the one-hot directions ``(r, s, n)`` of its rows.
+    """
     s = work.x.shape[0]
     k, j = work.items // problem.n, work.items % problem.n
-    u = one_hot(k, problem.m, work.x)[:, None].expand(-1, s, -1)
-    v = one_hot(j, problem.n, work.x)[:, None].expand(-1, s, -1)
-    return u, v
+    for kk in torch.unique_consecutive(k).tolist():
+        positions = (k == kk).nonzero().flatten()
+        u = one_hot(k.new_tensor([kk]), problem.m, work.x).expand(s, -1).contiguous()
+        # contiguous: stride-0 tangents send the model's matmuls down slow paths (~20x)
+        v = one_hot(j[positions], problem.n, work.x)[:, None].expand(-1, s, -1).contiguous()
+        yield positions, u, v
+
+
+def _hvps_by_run(st: Strategy, p: Problem, w: Work, graph: bool):
+    """Gradients (of the runs' first items) and HVPs ``(r, s, n)`` of ``(k, j)`` items."""
+    grads, products = [], []
+    for _, u, v in _runs(p, w):
+        g, hv = st.hvps(p.fn, w.x, u, v, graph)
+        grads.append(g)
+        products.append(hv)
+    return grads, torch.cat(products)
 
 
 def _jacobian_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
     s = w.x.shape[0]
     if forward_jacobian(p, st):
-        v = one_hot(w.items, p.n, w.x)[:, None].expand(-1, s, -1)
+        v = one_hot(w.items, p.n, w.x)[:, None].expand(-1, s, -1).contiguous()
         return {"jacobian": (st.jvps(p.fn, w.x, v, graph), None)}  # type: ignore[attr-defined]
-    u = one_hot(w.items, p.m, w.x)[:, None].expand(-1, s, -1)
+    u = one_hot(w.items, p.m, w.x)[:, None].expand(-1, s, -1).contiguous()
     return {"jacobian": (st.vjps(p.fn, w.x, u, graph), None)}
 
 
 def _hessian_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
-    u, v = _pairs(p, w)
-    return {"hessian": (st.hvps(p.fn, w.x, u, v, graph)[1], None)}
+    return {"hessian": (_hvps_by_run(st, p, w, graph)[1], None)}
 
 
 def _diag_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
-    u, v = _pairs(p, w)
-    hv = st.hvps(p.fn, w.x, u, v, graph)[1]  # (r, s, n)
+    hv = _hvps_by_run(st, p, w, graph)[1]  # (r, s, n)
     j = (w.items % p.n)[:, None, None].expand(-1, hv.shape[1], 1)
     return {"diag": (hv.gather(2, j)[..., 0], None)}
 
 
 def _hvp_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
-    s = w.x.shape[0]
-    u = one_hot(w.items, p.m, w.x)[:, None].expand(-1, s, -1)
-    v = w.v[None].expand(w.items.numel(), -1, -1)  # type: ignore[index]
-    return {"hvp": (st.hvps(p.fn, w.x, u, v, graph)[1], None)}
+    s, k = w.x.shape[0], w.items.tolist()
+    us = [one_hot(w.items.new_tensor([kk]), p.m, w.x).expand(s, -1) for kk in k]
+    hv = torch.cat([st.hvps(p.fn, w.x, u, w.v[None], graph)[1] for u in us])  # type: ignore[index]
+    return {"hvp": (hv, None)}
 
 
 def _derivatives_kernel(st: Strategy, p: Problem, w: Work, graph: bool) -> dict:
-    u, v = _pairs(p, w)
-    g, hv = st.hvps(p.fn, w.x, u, v, graph)
-    first = (w.items % p.n) == 0  # one gradient per output: keep the items with j == 0
-    return {"hessian": (hv, None), "gradient": (g[first], w.items[first] // p.n)}
+    grads, hv = _hvps_by_run(st, p, w, graph)
+    k = torch.unique_consecutive(w.items // p.n)  # one gradient per output in the block
+    return {"hessian": (hv, None), "gradient": (torch.stack(grads), k)}
 
 
 def _pair_items(p: Problem, st: Strategy) -> int:

@@ -212,7 +212,8 @@ def torch_func_hessians(f: nn.Module, x: Tensor) -> Tensor:
     def one(xi: Tensor) -> Tensor:
         return f(xi.unsqueeze(0))[0]
 
-    hess = torch.func.vmap(torch.func.hessian(one))(x)
+    with torch.no_grad():  # no graph to the parameters; torch.func ignores an outer no_grad
+        hess = torch.func.vmap(torch.func.hessian(one))(x)
     return hess.reshape(x.shape[0], x[0].numel(), x[0].numel())
 
 
@@ -237,7 +238,7 @@ def median_time(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
     """Largest absolute elementwise difference of two same-shaped tensors."""
-    return float((a - b).abs().max())
+    return float((a.detach() - b.detach()).abs().max())
 
 
 def run_demo(
@@ -270,7 +271,8 @@ def run_demo(
         accuracy = float((model(x_test).argmax(-1) == y_test).float().mean())
 
     x = x_test[:1]
-    pred = int(model(x).argmax())
+    with torch.no_grad():
+        pred = int(model(x).argmax())
     echo(f"[1] hesse.hessian(model, x, output={pred}, flat=True), x: {tuple(x.shape)}")
     hess = hesse.hessian(model, x, output=pred, flat=True)
     diag = hesse.hessian_diag(model, x, output=pred, flat=True)
@@ -300,7 +302,7 @@ def run_demo(
         hesse_seconds=t_hesse,
         func_seconds=t_func,
         max_abs_diff=_max_diff(hb, hf),
-        max_abs_hessian=float(hf.abs().max()),
+        max_abs_hessian=float(hf.detach().abs().max()),
         single_vs_batch_diff=_max_diff(hess, hb[0]),
         diag_diff=_max_diff(diag, hess.diagonal()),
         png_path=png,

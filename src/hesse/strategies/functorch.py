@@ -6,12 +6,22 @@ batched pass through the model instead of ``r`` Python-level passes.
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 import torch
 from torch.func import jvp, vjp, vmap
 
 from .base import Fn, register_strategy
+
+# torch scripts its forward-mode decompositions the first time jvp runs, which emits
+# torch's own DeprecationWarning about torch.jit.script; load them once, quietly.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # pragma: no cover - moved in another torch release
+        pass
 
 
 def _gradient(fn: Fn, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -47,12 +57,9 @@ class ForwardOverReverse(_FunctorchBase):
     def hvps(
         self, fn: Fn, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients and HVPs, each ``(r, b, n)``."""
-
-        def one(ui: torch.Tensor, vi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return jvp(lambda xx: _gradient(fn, xx, ui), (x,), (vi,))
-
-        return vmap(one)(u, v)
+        """The gradient ``(b, n)`` of ``u . F`` and HVPs ``(r, b, n)``."""
+        g, hv = vmap(lambda vi: jvp(lambda xx: _gradient(fn, xx, u), (x,), (vi,)))(v)
+        return g[0], hv
 
     def jvps(self, fn: Fn, x: torch.Tensor, v: torch.Tensor, create_graph: bool) -> torch.Tensor:
         """Jacobian-vector products, ``(r, b, n)`` to ``(r, b, m)``."""
@@ -74,13 +81,9 @@ class ReverseOverReverse(_FunctorchBase):
     def hvps(
         self, fn: Fn, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients and HVPs (``H`` is symmetric, so ``v^T H = H v``), each ``(r, b, n)``."""
-
-        def one(ui: torch.Tensor, vi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            g, pull = vjp(lambda xx: _gradient(fn, xx, ui), x)
-            return g, pull(vi)[0]
-
-        return vmap(one)(u, v)
+        """The gradient ``(b, n)`` and HVPs ``(r, b, n)`` (``H`` is symmetric: ``v^T H = H v``)."""
+        g, pull = vjp(lambda xx: _gradient(fn, xx, u), x)
+        return g, vmap(lambda vi: pull(vi)[0])(v)
 
 
 register_strategy(ForwardOverReverse())

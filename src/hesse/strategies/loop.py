@@ -53,18 +53,12 @@ class AutogradLoop:
     def hvps(
         self, fn: Fn, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients and HVPs, each ``(r, b, n)``; a gradient is reused while ``u`` repeats."""
-        grads, products = [], []
+        """The gradient ``(b, n)`` of ``u . F`` and HVPs ``(r, b, n)``, one backward each."""
         with torch.enable_grad():
             xl = self._leaf(x)
-            out = fn(xl)
-            last_u, g = None, None
-            for ui, vi in zip(u, v, strict=True):
-                if last_u is None or not torch.equal(ui, last_u):
-                    g, last_u = _grad(out, xl, ui, create_graph=True), ui
-                grads.append(g)
-                products.append(_grad(g, xl, vi, create_graph))
-        return torch.stack(grads), torch.stack(products)
+            g = _grad(fn(xl), xl, u, create_graph=True)
+            products = torch.stack([_grad(g, xl, vi, create_graph) for vi in v])
+        return g, products
 
 
 register_strategy(AutogradLoop())
