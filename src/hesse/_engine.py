@@ -110,6 +110,15 @@ def run_plan(
         for name, (items, tail) in quantity.outputs(problem, strategy).items()
     }
     bar = tqdm(total=plan.steps, desc=problem.api, disable=not progress, leave=False)
+    if callable(getattr(strategy, "compute", None)):  # whole per-sample results at once
+        with bar:
+            for s0 in range(0, problem.batch, plan.samples_per_step):
+                samples = slice(s0, min(s0 + plan.samples_per_step, problem.batch))
+                arrays = strategy.compute(problem, plan.quantity, problem.x[samples])  # type: ignore[attr-defined]
+                for name, arr in arrays.items():
+                    sinks[name].write(samples, slice(None), arr)
+                bar.update()
+        return {name: sink.result() for name, sink in sinks.items()}
     with bar:
         for s0 in range(0, problem.batch, plan.samples_per_step):
             samples = slice(s0, min(s0 + plan.samples_per_step, problem.batch))
@@ -153,6 +162,14 @@ def execute(
         st = get_strategy(name)
         if ("vmap" in lacking and st.uses_vmap) or ("forward_ad" in lacking and st.uses_forward_ad):
             continue
+        reason = unsupported(st, problem, quantity, create_graph)
+        if reason is not None:
+            if strategy != "auto":
+                raise StrategyError(
+                    f"{problem.api}: strategy '{name}' cannot compute this: {reason}. Use "
+                    "strategy='auto' to let hesse pick one that can."
+                )
+            continue
         plan = make_plan(problem, quantity, name, candidates, chunk_size, max_memory)
         try:
             with torch.no_grad() if not create_graph else nullcontext():
@@ -187,6 +204,12 @@ def execute(
         f"{problem.api}: no strategy could run this model: {'; '.join(failures)}. Make the "
         "model differentiable twice with torch.autograd (no @once_differentiable)."
     )
+
+
+def unsupported(st: Strategy, problem: Problem, quantity: str, create_graph: bool) -> str | None:
+    """Why a strategy declines a request up front (``None``: it accepts)."""
+    check = getattr(st, "unsupported", None)
+    return check(problem, quantity, create_graph) if callable(check) else None
 
 
 _HINTS = {

@@ -52,6 +52,9 @@ class Problem:
         saved_bytes: Bytes autograd saves in one forward of one sample.
         scripted: Whether ``f`` is TorchScript (only the loop strategy applies).
         out_dtype: dtype of the returned result.
+        model: The caller's ``f`` after preparation (unwrapped, upcast), for strategies
+            that read the model's structure.
+        index: Flat indices of the selected outputs (``None``: all).
     """
 
     api: str
@@ -65,6 +68,8 @@ class Problem:
     saved_bytes: int = 0
     scripted: bool = False
     out_dtype: torch.dtype = torch.float32
+    model: Callable[[torch.Tensor], torch.Tensor] | None = None
+    index: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -232,6 +237,8 @@ def build_problem(
         piecewise_ops=recorder.piecewise_linear(),
         scripted=isinstance(f, torch.jit.ScriptModule),
         out_dtype=out_dtype,
+        model=f,
+        index=index,
     )
     return problem
 

@@ -124,7 +124,8 @@ def build_model(seed: int) -> nn.Module:
     """Build the untrained CNN with a fixed initialisation.
 
     conv 1->8 3x3, softplus, conv 8->16 3x3, tanh, 2x2 average pool, linear 256->10.
-    All nonlinearities are smooth, so input Hessians are not identically zero.
+    All nonlinearities are smooth, so input Hessians are not identically zero. The
+    parameters are float32 whatever the default dtype.
 
     Args:
         seed: Seed of the initialisation; the global RNG state is left untouched.
@@ -142,7 +143,7 @@ def build_model(seed: int) -> nn.Module:
             nn.AvgPool2d(2),
             nn.Flatten(),
             nn.Linear(16 * 4 * 4, 10),
-        )
+        ).to(torch.float32)  # whatever torch's default dtype is
 
 
 def load_data(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -236,6 +237,32 @@ def median_time(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
     return statistics.median(times), result
 
 
+def time_both(
+    f: nn.Module, xb: Tensor, *, repeats: int, progress: bool
+) -> tuple[float, Tensor, float, Tensor]:
+    """Time the same per-sample Hessians with hesse and with ``torch.func``.
+
+    Args:
+        f: Maps ``(B, *S)`` to ``(B,)``.
+        xb: Inputs, shape ``(B, *S)``.
+        repeats: Timed repeats of each method (after one warm-up run).
+        progress: Show a tqdm bar on stderr.
+
+    Returns:
+        ``(hesse seconds, hesse result, torch.func seconds, torch.func result)``,
+        medians and results of shape ``(B, n, n)``.
+    """
+    bar = tqdm(total=2, desc="timing", unit="method", disable=not progress, file=sys.stderr)
+    with bar:
+        t_hesse, h_hesse = median_time(
+            lambda: hesse.hessian(f, xb, batched=True, flat=True), repeats
+        )
+        bar.update()
+        t_func, h_func = median_time(lambda: torch_func_hessians(f, xb), repeats)
+        bar.update()
+    return t_hesse, h_hesse, t_func, h_func
+
+
 def _max_diff(a: Tensor, b: Tensor) -> float:
     """Largest absolute elementwise difference of two same-shaped tensors."""
     return float((a.detach() - b.detach()).abs().max())
@@ -269,10 +296,9 @@ def run_demo(
     train(model, x_train, y_train, epochs=cfg.epochs, seed=seed, progress=progress)
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(-1) == y_test).float().mean())
+        pred = int(model(x_test[:1]).argmax())
 
     x = x_test[:1]
-    with torch.no_grad():
-        pred = int(model(x).argmax())
     echo(f"[1] hesse.hessian(model, x, output={pred}, flat=True), x: {tuple(x.shape)}")
     hess = hesse.hessian(model, x, output=pred, flat=True)
     diag = hesse.hessian_diag(model, x, output=pred, flat=True)
@@ -281,12 +307,7 @@ def run_demo(
     f = PredictedLogit(model).eval()
     echo(f"[2] per-sample Hessians of each image's predicted logit, x: {tuple(xb.shape)}")
     echo(str(hesse.plan(f, xb, "hessian", batched=True)))
-    steps = tqdm(total=2, desc="timing", disable=not progress, file=sys.stderr)
-    t_hesse, hb = median_time(lambda: hesse.hessian(f, xb, batched=True, flat=True), cfg.repeats)
-    steps.update()
-    t_func, hf = median_time(lambda: torch_func_hessians(f, xb), cfg.repeats)
-    steps.update()
-    steps.close()
+    t_hesse, hb, t_func, hf = time_both(f, xb, repeats=cfg.repeats, progress=progress)
 
     png = None
     if plot:

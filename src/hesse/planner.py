@@ -162,7 +162,7 @@ def make_plan(
         why = "all work in one step fits the budget" if units >= items * problem.batch else (
             f"steps sized to the budget ({format_bytes(budget)})"
         )
-    if strategy.sequential:
+    if strategy.sequential or callable(getattr(strategy, "compute", None)):
         rows, samples = items, max(1, min(problem.batch, units // max(items, 1)))
     elif units >= items:
         rows, samples = items, min(problem.batch, units // items)

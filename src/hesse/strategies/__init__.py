@@ -2,6 +2,7 @@
 
 from . import functorch as functorch
 from . import loop as loop
+from . import structured as structured
 from .base import Strategy as Strategy
 from .base import available_strategies as available_strategies
 from .base import get_strategy as get_strategy

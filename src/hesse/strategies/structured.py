@@ -1,0 +1,73 @@
+"""The structured strategy: the engine of :mod:`hesse.structured` behind the registry.
+
+Unlike the product-based strategies it computes whole per-sample results at once
+(``compute``), so the engine chunks it over samples only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .._problem import Problem
+from ..structured import CaptureError, capture, structured_pass
+from .base import register_strategy
+
+WANTS: dict[str, frozenset[str]] = {
+    "jacobian": frozenset({"jacobian"}),
+    "hessian": frozenset({"hessian"}),
+    "hessian_diag": frozenset({"diag"}),
+    "laplacian": frozenset({"diag"}),
+    "derivatives": frozenset({"hessian", "gradient"}),
+}
+
+
+class Structured:
+    """Per-layer rules on the captured graph: ``H = sum_k J_k^T M_k J_k``, no autograd loop."""
+
+    name: ClassVar[str] = "structured"
+    uses_vmap: ClassVar[bool] = True
+    uses_forward_ad: ClassVar[bool] = True
+    memory_factor: ClassVar[float] = 3.0
+    sequential: ClassVar[bool] = False
+    description: ClassVar[str] = (
+        "structured engine: tangents through the captured graph, per-layer Hessian terms"
+    )
+
+    def unsupported(self, problem: Problem, quantity: str, create_graph: bool) -> str | None:
+        """Why this strategy cannot run the request, or ``None`` if it can."""
+        if quantity not in WANTS:
+            return f"computes {', '.join(WANTS)} only, not {quantity}"
+        if create_graph:
+            return "does not keep a graph (create_graph=True)"
+        if problem.model is None:
+            return "no model to capture"
+        try:
+            capture(problem.model)
+        except CaptureError as exc:
+            return str(exc)
+        return None
+
+    def compute(self, problem: Problem, quantity: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Arrays for the sinks, ``(s, items, *tail)``, for the sub-batch ``x`` ``(s, n)``."""
+        s = x.shape[0]
+        shape = (s, *problem.in_shape) if problem.batched else tuple(problem.in_shape)
+        out = structured_pass(
+            capture(problem.model),  # type: ignore[arg-type]  # checked by unsupported()
+            x,
+            lambda t: t.reshape(shape),
+            s if problem.batched else 1,
+            problem.index,
+            WANTS[quantity],
+        )
+        arrays = {
+            "jacobian": out.get("jacobian"),
+            "gradient": out.get("gradient"),
+            "hessian": None if "hessian" not in out else out["hessian"].reshape(s, -1, x.shape[1]),
+            "diag": None if "diag" not in out else out["diag"].reshape(s, -1),
+        }
+        return {k: v for k, v in arrays.items() if v is not None}
+
+
+register_strategy(Structured())

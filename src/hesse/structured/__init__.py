@@ -1,0 +1,6 @@
+"""The structured engine: per-layer rules on a captured graph of the model."""
+
+from .capture import CaptureError as CaptureError
+from .capture import capture as capture
+from .compute import structured_pass as structured_pass
+from .rules import register_rule as register_rule

@@ -1,0 +1,62 @@
+"""Elementwise ops: ``y_i = phi(a_i)``.
+
+Tangent: ``J_y = phi'(a) J_a``. Second-order term: ``J_a^T diag(g * phi''(a)) J_a``, one
+weighted Gram matrix per sample (one batched GEMM). ``phi'`` and ``phi''`` come from two
+nested reverse-mode passes with all-ones cotangents (exact for elementwise ops; reverse
+rather than forward mode because some activations, e.g. SiLU, have no forward-mode rule
+for their backward), which
+honours every module option (Softplus' beta and threshold, ELU's alpha, GELU's
+approximation), so registering a new elementwise op costs one line. Piecewise-linear
+ops (ReLU, LeakyReLU, Hardtanh, ...) have ``phi'' = 0`` and skip the term.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import vjp
+
+from .base import Rule, Site, per_sample
+
+
+def derivatives(fn, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``phi'(a)`` and ``phi''(a)`` of an elementwise ``phi``, each shaped like ``a``."""
+    ones = torch.ones_like(a)
+    d1, pull = vjp(lambda t: vjp(fn, t)[1](ones)[0], a)
+    return d1, pull(ones)[0]
+
+
+class ElementwiseRule(Rule):
+    """A smooth elementwise op (tanh, softplus, GELU, SiLU, exp, ...)."""
+
+    name = "elementwise"
+    curvature = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def tangent(self, site: Site) -> torch.Tensor:
+        """``phi'(a) * J``; keeps ``phi''(a)`` for the term."""
+        if len(site.tangents) != 1 or site.inputs[0].shape != site.output.shape:
+            site.state = None
+            return super().tangent(site)
+        d1, d2 = derivatives(site.fn, site.inputs[0])
+        site.state = d2
+        return d1 * site.tangents[0]
+
+    def term(self, site: Site, g: torch.Tensor, batch: int, diag: bool) -> torch.Tensor | None:
+        """``J^T diag(g phi'') J`` per sample, or its diagonal."""
+        if site.state is None:
+            return super().term(site, g, batch, diag)
+        if not self.curvature:
+            return None
+        jt = per_sample(site.tangents[0], batch)  # (B, d, I)
+        w = (g * site.state).reshape(batch, 1, -1)
+        if diag:
+            return (jt * jt * w).sum(-1)
+        return torch.bmm(jt * w, jt.transpose(1, 2))
+
+
+class PiecewiseLinearRule(ElementwiseRule):
+    """ReLU-like ops: ``phi''`` is zero almost everywhere, so there is no term."""
+
+    curvature = False
