@@ -137,11 +137,22 @@ def _state(model: Callable[..., Any]) -> tuple[bool, ...]:
 
 
 class _Wrap(nn.Module):
-    """Lets fx trace a plain function (closed-over tensors become constants)."""
+    """Lets fx trace a plain function (closed-over tensors become constants).
+
+    Modules the function reaches through its closure or its globals are registered as
+    submodules, so ``lambda x: model(x[None])[0]`` traces through ``model``'s layers.
+    """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.fn = fn
+        code = getattr(fn, "__code__", None)
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+        names = code.co_names if code is not None else ()
+        found = cells + [getattr(fn, "__globals__", {}).get(name) for name in names]
+        for i, obj in enumerate(found):
+            if isinstance(obj, nn.Module):
+                self.add_module(f"reached_{i}", obj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)

@@ -96,7 +96,8 @@ def _site(step: Step, values: list, spec, varying: list[int], tangents: list, ou
         args, kwargs = tree_unflatten(full, spec)
         return step.call(*args, **kwargs)
 
-    return Site(fn, tuple(values[i] for i in varying), tuple(tangents), output)
+    inputs = tuple(values[i] for i in varying)
+    return Site(fn, inputs, tuple(tangents), output, step.call, len(values) - len(varying))
 
 
 def forward(captured: Captured, x: torch.Tensor, seed: Seed) -> tuple[torch.Tensor, dict, list]:
@@ -141,8 +142,8 @@ def forward(captured: Captured, x: torch.Tensor, seed: Seed) -> tuple[torch.Tens
         if not varying:
             continue
         _check_tensor_output(step, out)
-        if not isinstance(out, torch.Tensor):
-            continue
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            continue  # shapes and integer results (argmax, indices) carry no derivative
         site = _site(step, values, spec, varying, inputs_t, out)
         if isinstance(step.rule, LinearRule):
             site.state = step.rule.weight(tuple(values))

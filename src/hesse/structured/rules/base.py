@@ -36,6 +36,8 @@ class Site:
         inputs: Those inputs' values.
         tangents: Their tangents, each ``(d, *input.shape)``.
         output: The op's output value.
+        call: The module or function the node calls.
+        extra_args: How many arguments besides the varying inputs the call received.
         state: Whatever the rule kept from :meth:`Rule.tangent` for :meth:`Rule.term`.
     """
 
@@ -43,6 +45,8 @@ class Site:
     inputs: tuple[torch.Tensor, ...]
     tangents: tuple[torch.Tensor, ...]
     output: torch.Tensor
+    call: Any = None
+    extra_args: int = 0
     state: Any = None
 
 

@@ -18,6 +18,48 @@ from torch.func import vjp
 from .base import Rule, Site, per_sample
 
 
+def _tanh(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    d1 = 1 - y * y
+    return d1, -2 * y * d1
+
+
+def _sigmoid(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    d1 = y * (1 - y)
+    return d1, d1 * (1 - 2 * y)
+
+
+def _softplus(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    beta, threshold = getattr(call, "beta", 1.0), getattr(call, "threshold", 20.0)
+    s = torch.sigmoid(beta * a)
+    linear = beta * a > threshold  # softplus returns a itself there
+    return torch.where(linear, 1.0, s), torch.where(linear, 0.0, beta * s * (1 - s))
+
+
+def _exp(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    return y, y
+
+
+def _sin(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cos(a), -y
+
+
+def _cos(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    return -torch.sin(a), -y
+
+
+# Closed forms ``(a, y, call) -> (phi'(a), phi''(a))`` for the commonest activations; the
+# call is the module or function (for options such as Softplus' beta). Ops with options
+# that change the formula are only listed here for the module types that expose them.
+CLOSED_FORMS = {
+    "tanh": _tanh,
+    "sigmoid": _sigmoid,
+    "softplus": _softplus,
+    "exp": _exp,
+    "sin": _sin,
+    "cos": _cos,
+}
+
+
 def derivatives(fn, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``phi'(a)`` and ``phi''(a)`` of an elementwise ``phi``, each shaped like ``a``."""
     ones = torch.ones_like(a)
@@ -39,9 +81,16 @@ class ElementwiseRule(Rule):
         if len(site.tangents) != 1 or site.inputs[0].shape != site.output.shape:
             site.state = None
             return super().tangent(site)
-        d1, d2 = derivatives(site.fn, site.inputs[0])
+        closed = CLOSED_FORMS.get(self.name) if self.call_is_plain(site) else None
+        a = site.inputs[0]
+        with torch.no_grad():
+            d1, d2 = closed(a, site.output, site.call) if closed else derivatives(site.fn, a)
         site.state = d2
         return d1 * site.tangents[0]
+
+    def call_is_plain(self, site: Site) -> bool:
+        """Whether the closed form applies: a module, or a function of ``a`` alone."""
+        return isinstance(site.call, torch.nn.Module) or site.extra_args == 0
 
     def term(self, site: Site, g: torch.Tensor, batch: int, diag: bool) -> torch.Tensor | None:
         """``J^T diag(g phi'') J`` per sample, or its diagonal."""
