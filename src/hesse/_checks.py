@@ -201,7 +201,7 @@ class OpRecorder(TorchFunctionMode):
         super().__init__()
         self.names: set[str] = set()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         self.names.add(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
 

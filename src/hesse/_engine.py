@@ -129,8 +129,9 @@ def run_plan(
                 for name, (block, index) in quantity.kernel(
                     strategy, problem, work, create_graph
                 ).items():
-                    sinks[name].write(samples, slice(i0, i1) if index is None else index,
-                                      block.movedim(0, 1))
+                    sinks[name].write(
+                        samples, slice(i0, i1) if index is None else index, block.movedim(0, 1)
+                    )
                 bar.update()
     return {name: sink.result() for name, sink in sinks.items()}
 
@@ -154,23 +155,15 @@ def execute(
     Raises:
         StrategyError: The named strategy cannot run this model, or no candidate can.
     """
-    candidates = candidate_order(problem, quantity, strategy)
     measure(problem)
+    candidates, estimates = candidate_order(problem, quantity, strategy, create_graph)
     lacking: set[str] = set()
     failures: list[str] = []
     for name in candidates:
         st = get_strategy(name)
         if ("vmap" in lacking and st.uses_vmap) or ("forward_ad" in lacking and st.uses_forward_ad):
             continue
-        reason = unsupported(st, problem, quantity, create_graph)
-        if reason is not None:
-            if strategy != "auto":
-                raise StrategyError(
-                    f"{problem.api}: strategy '{name}' cannot compute this: {reason}. Use "
-                    "strategy='auto' to let hesse pick one that can."
-                )
-            continue
-        plan = make_plan(problem, quantity, name, candidates, chunk_size, max_memory)
+        plan = make_plan(problem, quantity, name, candidates, chunk_size, max_memory, estimates)
         try:
             with torch.no_grad() if not create_graph else nullcontext():
                 if st.uses_forward_ad:
@@ -204,12 +197,6 @@ def execute(
         f"{problem.api}: no strategy could run this model: {'; '.join(failures)}. Make the "
         "model differentiable twice with torch.autograd (no @once_differentiable)."
     )
-
-
-def unsupported(st: Strategy, problem: Problem, quantity: str, create_graph: bool) -> str | None:
-    """Why a strategy declines a request up front (``None``: it accepts)."""
-    check = getattr(st, "unsupported", None)
-    return check(problem, quantity, create_graph) if callable(check) else None
 
 
 _HINTS = {

@@ -50,11 +50,13 @@ class Problem:
         m: Number of selected outputs, ``prod(Q)``.
         piecewise_ops: Piecewise-linear torch functions seen in the probe forward.
         saved_bytes: Bytes autograd saves in one forward of one sample.
+        forward_macs: Multiply-adds of one forward pass of one sample.
         scripted: Whether ``f`` is TorchScript (only the loop strategy applies).
         out_dtype: dtype of the returned result.
         model: The caller's ``f`` after preparation (unwrapped, upcast), for strategies
             that read the model's structure.
         index: Flat indices of the selected outputs (``None``: all).
+        cache: Per-call memo of strategies (e.g. the structured engine's graph cost).
     """
 
     api: str
@@ -66,10 +68,12 @@ class Problem:
     m: int
     piecewise_ops: list[str] = field(default_factory=list)
     saved_bytes: int = 0
+    forward_macs: float = 0.0
     scripted: bool = False
     out_dtype: torch.dtype = torch.float32
     model: Callable[[torch.Tensor], torch.Tensor] | None = None
     index: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)
 
     @property
     def batch(self) -> int:

@@ -146,9 +146,7 @@ QUANTITIES: dict[str, Quantity] = {
             "jacobian",
             False,
             lambda p, st: p.n if forward_jacobian(p, st) else p.m,
-            lambda p, st: {
-                "jacobian": (p.n, (p.m,)) if forward_jacobian(p, st) else (p.m, (p.n,))
-            },
+            lambda p, st: {"jacobian": (p.n, (p.m,)) if forward_jacobian(p, st) else (p.m, (p.n,))},
             _jacobian_kernel,
         ),
         Quantity("hessian", True, _pair_items, _hessian_out, _hessian_kernel),

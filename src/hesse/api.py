@@ -28,8 +28,8 @@ from ._engine import execute
 from ._problem import Selection, build_problem
 from ._quantities import QUANTITIES, forward_jacobian
 from ._results import check_options, finish, warn_zero
+from .errors import StrategyError, UnsupportedInputError
 from .planner import Plan, candidate_order, make_plan, measure
-from .errors import UnsupportedInputError
 from .strategies import get_strategy
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -78,8 +78,13 @@ def jacobian(
     check_options(api, chunk_size, strategy, batched=batched, flat=flat)
     problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
     arrays, plan = execute(
-        problem, "jacobian", strategy, chunk_size, max_memory,
-        create_graph=create_graph, progress=progress,
+        problem,
+        "jacobian",
+        strategy,
+        chunk_size,
+        max_memory,
+        create_graph=create_graph,
+        progress=progress,
     )
     jac = arrays["jacobian"]
     if forward_jacobian(problem, get_strategy(plan.strategy)):
@@ -138,8 +143,13 @@ def hessian(
     check_options(api, chunk_size, strategy, batched=batched, flat=flat)
     problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
     arrays, _ = execute(
-        problem, "hessian", strategy, chunk_size, max_memory,
-        create_graph=create_graph, progress=progress,
+        problem,
+        "hessian",
+        strategy,
+        chunk_size,
+        max_memory,
+        create_graph=create_graph,
+        progress=progress,
     )
     warn_zero(problem, arrays["hessian"], second_order=True)
     return finish(problem, arrays["hessian"], 2, flat)
@@ -184,8 +194,13 @@ def derivatives(
     check_options(api, chunk_size, strategy, batched=batched, flat=flat)
     problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
     arrays, _ = execute(
-        problem, "derivatives", strategy, chunk_size, max_memory,
-        create_graph=create_graph, progress=progress,
+        problem,
+        "derivatives",
+        strategy,
+        chunk_size,
+        max_memory,
+        create_graph=create_graph,
+        progress=progress,
     )
     with torch.no_grad() if not create_graph else torch.enable_grad():
         value = problem.fn(problem.x)
@@ -230,7 +245,7 @@ def plan(
     Raises:
         MemoryBudgetError: The call would not fit in the budget.
     """
-    api = f"hesse.plan({quantity!r})"
+    api = f"hesse.plan({quantity})"
     if quantity not in QUANTITIES:
         raise UnsupportedInputError(
             f"hesse.plan: unknown quantity {quantity!r}; expected one of "
@@ -238,5 +253,9 @@ def plan(
         )
     check_options(api, chunk_size, strategy, batched=batched)
     problem = measure(build_problem(api, f, x, output, batched))
-    candidates = candidate_order(problem, quantity, strategy)
-    return make_plan(problem, quantity, candidates[0], candidates, chunk_size, max_memory)
+    candidates, estimates = candidate_order(problem, quantity, strategy)
+    if not candidates:
+        raise StrategyError(f"{api}: no strategy can compute this: {dict(estimates)}.")
+    return make_plan(
+        problem, quantity, candidates[0], candidates, chunk_size, max_memory, estimates
+    )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UnsupportedInputError
 
@@ -93,15 +94,18 @@ def available_bytes(device: torch.device) -> int:
         return 8 * 2**30
 
 
-def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
-    """Bytes autograd saves for the backward pass of one call ``fn(x)``.
+def profile_forward(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[int, float]:
+    """Bytes autograd saves for the backward pass of ``fn(x)``, and its multiply-adds.
 
     Args:
         fn: The function, mapping ``x`` of shape ``(b, n)`` to ``(b, m)``.
         x: A small input, usually one sample, shape ``(1, n)``.
 
     Returns:
-        The summed size of every tensor packed for backward, plus the output's size.
+        The summed size of every tensor packed for backward plus the output's size, and
+        the multiply-adds of matrix products and convolutions (FlopCounterMode).
     """
     total = 0
 
@@ -110,9 +114,12 @@ def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
         total += t.numel() * t.element_size()
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    counter = FlopCounterMode(display=False)
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.enable_grad(), hooks, counter:
         out = fn(x.detach().requires_grad_(True))
-    return total + out.numel() * out.element_size()
+    macs = counter.get_total_flops() / 2 + out.numel()
+    return total + out.numel() * out.element_size(), float(max(macs, x.numel()))
 
 
 def format_bytes(n: float) -> str:

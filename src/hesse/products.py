@@ -107,8 +107,13 @@ def hessian_diag(
     check_options(api, chunk_size, strategy, batched=batched, flat=flat)
     problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
     arrays, _ = execute(
-        problem, "hessian_diag", strategy, chunk_size, max_memory,
-        create_graph=create_graph, progress=progress,
+        problem,
+        "hessian_diag",
+        strategy,
+        chunk_size,
+        max_memory,
+        create_graph=create_graph,
+        progress=progress,
     )
     warn_zero(problem, arrays["diag"], second_order=True)
     return finish(problem, arrays["diag"], 1, flat)
@@ -152,8 +157,13 @@ def laplacian(
     check_options(api, chunk_size, strategy, batched=batched, flat=flat)
     problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
     arrays, _ = execute(
-        problem, "laplacian", strategy, chunk_size, max_memory,
-        create_graph=create_graph, progress=progress,
+        problem,
+        "laplacian",
+        strategy,
+        chunk_size,
+        max_memory,
+        create_graph=create_graph,
+        progress=progress,
     )
     diag = arrays["diag"]
     warn_zero(problem, diag, second_order=True)

@@ -94,9 +94,7 @@ def get_strategy(name: str, api: str = "hesse") -> Strategy:
         return _REGISTRY[name]
     except (KeyError, TypeError):
         valid = ", ".join(repr(n) for n in ("auto", *_REGISTRY))
-        raise StrategyError(
-            f"{api}: unknown strategy {name!r}; expected one of {valid}."
-        ) from None
+        raise StrategyError(f"{api}: unknown strategy {name!r}; expected one of {valid}.") from None
 
 
 def available_strategies() -> tuple[str, ...]:

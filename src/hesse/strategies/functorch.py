@@ -6,6 +6,7 @@ batched pass through the model instead of ``r`` Python-level passes.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import ClassVar
 
@@ -16,12 +17,9 @@ from .base import Fn, register_strategy
 
 # torch scripts its forward-mode decompositions the first time jvp runs, which emits
 # torch's own DeprecationWarning about torch.jit.script; load them once, quietly.
-with warnings.catch_warnings():
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
     warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
-    except ImportError:  # pragma: no cover - moved in another torch release
-        pass
+    import torch._decomp.decompositions_for_jvp
 
 
 def _gradient(fn: Fn, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

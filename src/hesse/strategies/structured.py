@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from .._problem import Problem
-from ..structured import CaptureError, capture, structured_pass
+from ..structured import CaptureError, capture, graph_cost, structured_pass
 from .base import register_strategy
 
 WANTS: dict[str, frozenset[str]] = {
@@ -48,6 +48,15 @@ class Structured:
         except CaptureError as exc:
             return str(exc)
         return None
+
+    def estimate(self, problem: Problem, quantity: str) -> float:
+        """Estimated multiply-adds of the call (see :mod:`hesse.structured.cost`)."""
+        if "graph_cost" not in problem.cache:
+            shape = (1, *problem.in_shape) if problem.batched else problem.in_shape
+            x1 = problem.x[:1].reshape(shape)
+            captured = capture(problem.model)  # type: ignore[arg-type]
+            problem.cache["graph_cost"] = graph_cost(captured, x1, problem.n)
+        return problem.batch * problem.cache["graph_cost"].macs(quantity, problem.m)
 
     def compute(self, problem: Problem, quantity: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Arrays for the sinks, ``(s, items, *tail)``, for the sub-batch ``x`` ``(s, n)``."""

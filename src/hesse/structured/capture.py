@@ -12,6 +12,7 @@ hesse captures with :func:`torch.fx.symbolic_trace` rather than ``make_fx``:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,7 +114,9 @@ def capture(model: Callable[..., Any]) -> Captured:
     try:
         gm = fx.symbolic_trace(model if isinstance(model, nn.Module) else _Wrap(model))
     except Exception as exc:
-        raise CaptureError(f"torch.fx could not trace the model ({type(exc).__name__}: {exc})")
+        raise CaptureError(
+            f"torch.fx could not trace the model ({type(exc).__name__}: {exc})"
+        ) from exc
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise CaptureError(f"expected a model of one tensor, found {len(placeholders)} inputs")
@@ -122,10 +125,8 @@ def capture(model: Callable[..., Any]) -> Captured:
         if node.op in ("call_module", "call_function", "call_method"):
             steps.append(Step(node, *_resolve(gm, node)))
     captured = Captured(gm, tuple(steps))
-    try:
+    with contextlib.suppress(TypeError):
         _CACHE[model] = (key, captured)
-    except TypeError:
-        pass
     return captured
 
 

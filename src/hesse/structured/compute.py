@@ -91,7 +91,10 @@ def _second_order(records, xin, y, seed: Seed, batch: int, second: set, gradient
                 per_output["hessian"].append(_to_input(seed, h, diag=False))
             if "diag" in second:
                 per_output["diag"].append(
-                    h if diag_only else _to_input(seed, h, diag=True)
-                    if seed.matrix is not None else h.diagonal(dim1=-2, dim2=-1)
+                    h
+                    if diag_only
+                    else _to_input(seed, h, diag=True)
+                    if seed.matrix is not None
+                    else h.diagonal(dim1=-2, dim2=-1)
                 )
     return {k: torch.stack(v, 1) for k, v in per_output.items() if v}

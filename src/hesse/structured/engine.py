@@ -74,9 +74,7 @@ def _inputs(step: Step, env: dict, tangents: dict):
     """Values of the node's arguments, which of them carry tangents, and those tangents."""
     leaves, spec = tree_flatten((step.node.args, step.node.kwargs))
     values = [env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
-    varying = [
-        i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node) and leaf in tangents
-    ]
+    varying = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node) and leaf in tangents]
     return values, spec, varying, [tangents[leaves[i]] for i in varying]
 
 
@@ -97,7 +95,8 @@ def _site(step: Step, values: list, spec, varying: list[int], tangents: list, ou
         return step.call(*args, **kwargs)
 
     inputs = tuple(values[i] for i in varying)
-    return Site(fn, inputs, tuple(tangents), output, step.call, len(values) - len(varying))
+    extra = len(values) - len(varying)
+    return Site(fn, inputs, tuple(tangents), output, step.call, extra, tuple(varying))
 
 
 def forward(captured: Captured, x: torch.Tensor, seed: Seed) -> tuple[torch.Tensor, dict, list]:
@@ -135,9 +134,11 @@ def forward(captured: Captured, x: torch.Tensor, seed: Seed) -> tuple[torch.Tens
         env[step.node] = out
         if step.node is seed.node and seed.matrix is not None:
             eye = torch.eye(seed.d, dtype=x.dtype, device=x.device)
-            tangents[step.node] = eye.reshape(seed.d, *([1] * (out.dim() - 1)), seed.d).expand(
-                seed.d, *out.shape
-            ).contiguous()
+            tangents[step.node] = (
+                eye.reshape(seed.d, *([1] * (out.dim() - 1)), seed.d)
+                .expand(seed.d, *out.shape)
+                .contiguous()
+            )
             continue
         if not varying:
             continue

@@ -15,6 +15,7 @@ from torch import nn
 from .affine import ConvRule, LinearRule
 from .base import Rule, Site
 from .elementwise import ElementwiseRule, PiecewiseLinearRule
+from .products import BilinearRule
 
 __all__ = ["RULES", "Rule", "Site", "lookup", "register_rule"]
 
@@ -28,18 +29,27 @@ class _Linear(Rule):
         self.name = name
 
 
+# fmt: off
 SMOOTH_ELEMENTWISE = (
-    "tanh sigmoid softplus gelu silu elu selu celu mish exp exp2 expm1 log log1p log2 sin cos "
-    "sqrt rsqrt square reciprocal softsign logsigmoid tanhshrink erf sinh cosh atan asinh"
-).split()
-PIECEWISE_LINEAR = "relu relu6 leaky_relu hardtanh threshold abs rrelu".split()
+    "tanh", "sigmoid", "softplus", "gelu", "silu", "elu", "selu", "celu", "mish", "exp",
+    "exp2", "expm1", "log", "log1p", "log2", "sin", "cos", "sqrt", "rsqrt", "square",
+    "reciprocal", "softsign", "logsigmoid", "tanhshrink", "erf", "sinh", "cosh", "atan",
+    "asinh",
+)
+PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu", "hardtanh", "threshold", "abs", "rrelu")
 LINEAR_OPS = (
-    "add sub neg iadd isub view reshape flatten unflatten permute transpose t contiguous "
-    "squeeze unsqueeze getitem cat stack sum mean avg_pool1d avg_pool2d avg_pool3d "
-    "adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d pad dropout identity "
-    "max_pool1d max_pool2d max_pool3d adaptive_max_pool2d expand repeat chunk split flip "
-    "roll narrow select movedim float double to clone"
-).split()
+    "add", "sub", "neg", "iadd", "isub", "view", "reshape", "flatten", "unflatten",
+    "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze", "getitem", "cat",
+    "stack", "sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pad", "dropout", "identity", "max_pool1d",
+    "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "expand", "repeat", "chunk", "split",
+    "flip", "roll", "narrow", "select", "movedim", "float", "double", "to", "clone",
+)
+# Linear in each argument: no term when only one argument varies (mul by a constant).
+BILINEAR_OPS = ("mul", "matmul", "mm", "bmm", "einsum", "outer", "imul")
+# Linear in the numerator only.
+DIVISION_OPS = ("truediv", "div", "true_divide")
+# fmt: on
 
 RULES: dict[type | str, Callable[..., Rule]] = {}
 
@@ -61,6 +71,10 @@ for _name in PIECEWISE_LINEAR:
     register_rule(_name, lambda name=_name: PiecewiseLinearRule(name))
 for _name in LINEAR_OPS:
     register_rule(_name, lambda name=_name: _Linear(name))
+for _name in BILINEAR_OPS:
+    register_rule(_name, lambda name=_name: BilinearRule(name))
+for _name in DIVISION_OPS:
+    register_rule(_name, lambda name=_name: BilinearRule(name, linear_positions=(0,)))
 register_rule("linear", LinearRule)
 register_rule(nn.Linear, LinearRule)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

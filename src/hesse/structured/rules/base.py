@@ -38,6 +38,7 @@ class Site:
         output: The op's output value.
         call: The module or function the node calls.
         extra_args: How many arguments besides the varying inputs the call received.
+        positions: Where the varying inputs sit among the call's arguments.
         state: Whatever the rule kept from :meth:`Rule.tangent` for :meth:`Rule.term`.
     """
 
@@ -47,6 +48,7 @@ class Site:
     output: torch.Tensor
     call: Any = None
     extra_args: int = 0
+    positions: tuple[int, ...] = ()
     state: Any = None
 
 

@@ -1,0 +1,109 @@
+"""Cost of the structured engine, from one values-only pass over one sample.
+
+The estimate counts multiply-adds per sample (see the design notes):
+
+- tangents: ``d`` times the forward pass (``d`` = inputs, or the bottleneck width);
+- per selected output: one backward pass (~2 forwards), and for every nonlinear node with
+  ``I`` inputs the term ``I d^2`` (``I d`` for diagonals and Laplacians); the generic rule
+  pays ``d`` Hessian-vector products of the op itself on top;
+- the bottleneck sandwich ``W^T H W``: ``n1^2 n + n1 n^2`` per output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from .capture import Captured
+from .engine import find_seed
+from .rules.base import Rule
+from .rules.elementwise import ElementwiseRule
+
+
+@dataclass(frozen=True)
+class GraphCost:
+    """What the cost model needs to know about a captured model (per sample).
+
+    Attributes:
+        forward_macs: Multiply-adds of one forward pass.
+        term_sizes: Input sizes ``I`` of the nonlinear nodes with a closed-form term.
+        generic_sizes: Input sizes of the nonlinear nodes handled by the generic rule.
+        d: Tangent directions (inputs, or the bottleneck width).
+        n: Inputs.
+        bottleneck: Whether tangents start at a narrowing Linear layer.
+        nodes: Number of captured nodes (per-node overhead).
+    """
+
+    forward_macs: float
+    term_sizes: tuple[int, ...]
+    generic_sizes: tuple[int, ...]
+    d: int
+    n: int
+    bottleneck: bool
+    nodes: int
+
+    def macs(self, quantity: str, m: int) -> float:
+        """Estimated multiply-adds per sample for ``quantity`` with ``m`` outputs."""
+        d, f = self.d, self.forward_macs
+        diag = quantity in ("hessian_diag", "laplacian") and not self.bottleneck
+        total = d * f + 2e4 * self.nodes
+        if quantity == "jacobian":
+            return total + (m * d * self.n if self.bottleneck else 0.0)
+        width = d if diag else d * d
+        per_output = 2 * f + sum(self.term_sizes) * width
+        per_output += sum(self.generic_sizes) * (width + 10 * d)
+        if self.bottleneck:
+            per_output += d * d * self.n + (d * self.n * self.n if quantity != "laplacian" else 0)
+        return total + m * per_output
+
+
+def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
+    """Runs the captured graph on one sample (values only) and measures it.
+
+    Args:
+        captured: The captured model.
+        x: One sample in the model's input layout.
+        n: Inputs per sample.
+    """
+    seed = find_seed(captured, n)
+    nodes = iter(captured.module.graph.nodes)
+    placeholder = next(nodes)
+    env: dict[fx.Node, object] = {placeholder: x}
+    for node in nodes:
+        if node.op == "get_attr":
+            value: object = captured.module
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            env[node] = value
+    varying = {seed.node} if seed.matrix is not None else {placeholder}
+    terms, generic = [], []
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        for step in captured.steps:
+            leaves, spec = tree_flatten((step.node.args, step.node.kwargs))
+            values = [env[v] if isinstance(v, fx.Node) else v for v in leaves]
+            args, kwargs = tree_unflatten(values, spec)
+            env[step.node] = step.call(*args, **kwargs)
+            inputs = [v for v in leaves if isinstance(v, fx.Node) and v in varying]
+            if not inputs:
+                continue
+            varying.add(step.node)
+            size = sum(env[v].numel() for v in inputs)  # type: ignore[union-attr]
+            if isinstance(step.rule, ElementwiseRule):
+                if step.rule.curvature:
+                    terms.append(size)
+            elif type(step.rule) is Rule:
+                generic.append(size)
+    return GraphCost(
+        forward_macs=counter.get_total_flops() / 2,
+        term_sizes=tuple(terms),
+        generic_sizes=tuple(generic),
+        d=seed.d,
+        n=n,
+        bottleneck=seed.matrix is not None,
+        nodes=len(captured.steps),
+    )

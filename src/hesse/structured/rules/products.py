@@ -1,0 +1,27 @@
+"""Products of tensors: ``a * b``, ``a @ b``, ``a / b``.
+
+With one varying argument (a product with a constant) the op is linear and has no
+second-order term; with two (products of branches, attention scores) the generic term
+couples the branches' tangents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Rule, Site
+
+
+class BilinearRule(Rule):
+    """An op linear in each of its tensor arguments taken alone."""
+
+    def __init__(self, name: str, linear_positions: tuple[int, ...] | None = None):
+        self.name = name
+        self.linear_positions = linear_positions  # None: linear in any single argument
+
+    def term(self, site: Site, g: torch.Tensor, batch: int, diag: bool) -> torch.Tensor | None:
+        """None when one argument varies (and it is one the op is linear in)."""
+        single = len(site.tangents) == 1
+        if single and (self.linear_positions is None or site.positions == self.linear_positions):
+            return None
+        return super().term(site, g, batch, diag)
