@@ -114,7 +114,8 @@ def run_plan(
         with bar:
             for s0 in range(0, problem.batch, plan.samples_per_step):
                 samples = slice(s0, min(s0 + plan.samples_per_step, problem.batch))
-                arrays = strategy.compute(problem, plan.quantity, problem.x[samples])  # type: ignore[attr-defined]
+                direction = None if v is None else v[samples]
+                arrays = strategy.compute(problem, plan.quantity, problem.x[samples], direction)  # type: ignore[attr-defined]
                 for name, arr in arrays.items():
                     sinks[name].write(samples, slice(None), arr)
                 bar.update()

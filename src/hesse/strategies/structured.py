@@ -20,6 +20,7 @@ WANTS: dict[str, frozenset[str]] = {
     "hessian_diag": frozenset({"diag"}),
     "laplacian": frozenset({"diag"}),
     "derivatives": frozenset({"hessian", "gradient"}),
+    "hvp": frozenset({"hessian"}),  # forms H per sample, then H v: for small inputs
 }
 
 
@@ -58,8 +59,13 @@ class Structured:
             problem.cache["graph_cost"] = graph_cost(captured, x1, problem.n)
         return problem.batch * problem.cache["graph_cost"].macs(quantity, problem.m)
 
-    def compute(self, problem: Problem, quantity: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Arrays for the sinks, ``(s, items, *tail)``, for the sub-batch ``x`` ``(s, n)``."""
+    def compute(
+        self, problem: Problem, quantity: str, x: torch.Tensor, v: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Arrays for the sinks, ``(s, items, *tail)``, for the sub-batch ``x`` ``(s, n)``.
+
+        ``v`` (``(s, n)``) is the direction of an ``hvp`` call.
+        """
         s = x.shape[0]
         shape = (s, *problem.in_shape) if problem.batched else tuple(problem.in_shape)
         out = structured_pass(
@@ -70,6 +76,8 @@ class Structured:
             problem.index,
             WANTS[quantity],
         )
+        if quantity == "hvp" and v is not None:
+            return {"hvp": torch.einsum("bmij,bj->bmi", out["hessian"], v)}
         arrays = {
             "jacobian": out.get("jacobian"),
             "gradient": out.get("gradient"),

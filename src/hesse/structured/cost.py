@@ -89,7 +89,8 @@ def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
             args, kwargs = tree_unflatten(values, spec)
             env[step.node] = step.call(*args, **kwargs)
             inputs = [v for v in leaves if isinstance(v, fx.Node) and v in varying]
-            if not inputs:
+            out = env[step.node]
+            if not inputs or not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 continue
             varying.add(step.node)
             size = sum(env[v].numel() for v in inputs)  # type: ignore[union-attr]

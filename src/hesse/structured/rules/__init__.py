@@ -36,14 +36,14 @@ SMOOTH_ELEMENTWISE = (
     "reciprocal", "softsign", "logsigmoid", "tanhshrink", "erf", "sinh", "cosh", "atan",
     "asinh",
 )
-PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu", "hardtanh", "threshold", "abs", "rrelu")
+PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu", "hardtanh", "threshold", "abs")
 LINEAR_OPS = (
     "add", "sub", "neg", "iadd", "isub", "view", "reshape", "flatten", "unflatten",
     "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze", "getitem", "cat",
     "stack", "sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pad", "dropout", "identity", "max_pool1d",
-    "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "expand", "repeat", "chunk", "split",
-    "flip", "roll", "narrow", "select", "movedim", "float", "double", "to", "clone",
+    "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "expand", "repeat", "flip", "roll",
+    "narrow", "select", "movedim", "float", "double", "to", "clone",
 )
 # Linear in each argument: no term when only one argument varies (mul by a constant).
 BILINEAR_OPS = ("mul", "matmul", "mm", "bmm", "einsum", "outer", "imul")

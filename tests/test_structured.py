@@ -1,0 +1,327 @@
+"""The structured engine: every registered rule and whole models against nested torch.func.
+
+Rules are tested through the registry itself: every elementwise name registered is looked
+up in torch and checked, so a new elementwise rule is tested without new test code; every
+other registered op name must have an example in ``OP_EXAMPLES`` (a test fails if one is
+missing), and every module type registered must be constructible here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import hessian, jacrev, vmap
+
+import hesse
+from hesse.structured.rules import (
+    BILINEAR_OPS,
+    DIVISION_OPS,
+    LINEAR_OPS,
+    MODULE_NAMES,
+    PIECEWISE_LINEAR,
+    RULES,
+    SMOOTH_ELEMENTWISE,
+)
+
+DT = torch.float64
+QUANTITIES = ("hessian", "hessian_diag", "laplacian", "jacobian")
+
+
+def _torch_op(name: str):
+    for space in (torch, F, torch.special):
+        if hasattr(space, name):
+            return getattr(space, name)
+    raise AssertionError(f"registered elementwise op {name!r} is not a torch function")
+
+
+def _inner(x: torch.Tensor) -> torch.Tensor:
+    """A smooth map into (1.2, 2.2) so that log, sqrt, reciprocal are defined: (b, 3) -> (b, 4)."""
+    w = torch.linspace(-1, 1, 12, dtype=x.dtype).reshape(3, 4)
+    return 1.2 + torch.sigmoid(x @ w)
+
+
+def _reference(f, x: torch.Tensor, quantity: str) -> torch.Tensor:
+    """Per-sample flat references, ``(b, m, n[, n])``, by nested torch.func on one sample."""
+    shape = x.shape[1:]
+    one = lambda z: f(z.reshape(1, *shape)).reshape(-1)  # noqa: E731
+    flat = x.reshape(x.shape[0], -1)
+    if quantity == "jacobian":
+        return vmap(jacrev(one))(flat)
+    h = vmap(hessian(one))(flat)  # (b, m, n, n)
+    if quantity == "hessian":
+        return h
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    return diag if quantity == "hessian_diag" else diag.sum(-1)
+
+
+def _check(f, x: torch.Tensor, quantities=QUANTITIES) -> None:
+    for quantity in quantities:
+        with warnings.catch_warnings():  # all-zero results of piecewise-linear ops warn
+            warnings.simplefilter("ignore", hesse.PiecewiseLinearWarning)
+            warnings.simplefilter("ignore", hesse.ZeroDerivativeWarning)
+            got = getattr(hesse, quantity)(f, x, batched=True, strategy="structured", flat=True)
+        want = _reference(f, x, quantity)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=quantity)
+
+
+EXTRA_ARGS = {"threshold": (1.6, 0.0), "hardtanh": (-0.5, 0.5)}
+
+
+@pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")
+@pytest.mark.parametrize("name", SMOOTH_ELEMENTWISE + PIECEWISE_LINEAR)
+def test_every_elementwise_rule(name: str) -> None:
+    op, extra = _torch_op(name), EXTRA_ARGS.get(name, ())
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, dtype=DT)
+    _check(lambda z: op(_inner(z) * 1.3 - 1.0, *extra) * _inner(z), x)
+
+
+OP_EXAMPLES = {
+    "add": lambda a: a + torch.sin(a),
+    "iadd": lambda a: a + 1.0,
+    "sub": lambda a: a - a.exp(),
+    "isub": lambda a: a - 2.0,
+    "neg": lambda a: -torch.sin(a),
+    "view": lambda a: torch.sin(a.view(a.shape[0], 2, 2)),
+    "reshape": lambda a: torch.sin(a.reshape(-1, 2, 2)),
+    "flatten": lambda a: torch.sin(a.reshape(-1, 2, 2).flatten(1)),
+    "unflatten": lambda a: torch.sin(a.unflatten(1, (2, 2))),
+    "permute": lambda a: torch.sin(a.reshape(-1, 2, 2).permute(0, 2, 1)) * a.reshape(-1, 2, 2),
+    "transpose": lambda a: torch.sin(a.reshape(-1, 2, 2).transpose(1, 2)) * a.reshape(-1, 2, 2),
+    "t": lambda a: torch.sin(a) * a,
+    "contiguous": lambda a: torch.sin(a.contiguous()),
+    "squeeze": lambda a: torch.sin(a[:, None].squeeze(1)),
+    "unsqueeze": lambda a: torch.sin(a.unsqueeze(1)),
+    "getitem": lambda a: torch.sin(a[:, 1:3]) * a[:, :2],
+    "cat": lambda a: torch.sin(torch.cat([a, a * a], 1)),
+    "stack": lambda a: torch.sin(torch.stack([a, a * 2], 1)),
+    "sum": lambda a: torch.sin(a.sum(1, keepdim=True)) * a,
+    "mean": lambda a: torch.sin(a.mean(1, keepdim=True)) * a,
+    "avg_pool1d": lambda a: torch.sin(F.avg_pool1d(a[:, None], 2)),
+    "avg_pool2d": lambda a: torch.sin(F.avg_pool2d(a.reshape(-1, 1, 2, 2), 2)),
+    "avg_pool3d": lambda a: torch.sin(F.avg_pool3d(a.reshape(-1, 1, 1, 2, 2), (1, 2, 2))),
+    "adaptive_avg_pool1d": lambda a: torch.sin(F.adaptive_avg_pool1d(a[:, None], 2)),
+    "adaptive_avg_pool2d": lambda a: torch.sin(F.adaptive_avg_pool2d(a.reshape(-1, 1, 2, 2), 1)),
+    "adaptive_avg_pool3d": lambda a: torch.sin(F.adaptive_avg_pool3d(a.reshape(-1, 1, 1, 2, 2), 1)),
+    "pad": lambda a: torch.sin(F.pad(a, (1, 1), value=0.5)),
+    "dropout": lambda a: torch.sin(F.dropout(a, 0.5, training=False)),
+    "identity": lambda a: torch.sin(a),
+    "max_pool1d": lambda a: torch.sin(F.max_pool1d(a[:, None], 2)),
+    "max_pool2d": lambda a: torch.sin(F.max_pool2d(a.reshape(-1, 1, 2, 2), 2)),
+    "max_pool3d": lambda a: torch.sin(F.max_pool3d(a.reshape(-1, 1, 1, 2, 2), (1, 2, 2))),
+    "adaptive_max_pool2d": lambda a: torch.sin(F.adaptive_max_pool2d(a.reshape(-1, 1, 2, 2), 1)),
+    "expand": lambda a: torch.sin(a[:, :, None].expand(-1, -1, 2)),
+    "repeat": lambda a: torch.sin(a.repeat(1, 2)),
+    "flip": lambda a: torch.sin(a.flip(1)) * a,
+    "roll": lambda a: torch.sin(a.roll(1, 1)) * a,
+    "narrow": lambda a: torch.sin(a.narrow(1, 1, 2)),
+    "select": lambda a: torch.sin(a.select(1, 2)[:, None] * a),
+    "movedim": lambda a: torch.sin(a.reshape(-1, 2, 2).movedim(2, 1)),
+    "float": lambda a: torch.sin(a.double()),
+    "double": lambda a: torch.sin(a.double()),
+    "to": lambda a: torch.sin(a.to(torch.float64)),
+    "clone": lambda a: torch.sin(a.clone()),
+    "mul": lambda a: torch.sin(a) * a * 3.0,
+    "imul": lambda a: torch.sin(a) * 2.0,
+    "matmul": lambda a: torch.sin(a[:, None, :] @ a[:, :, None]).flatten(1),
+    "mm": lambda a: torch.sin(a) * 1.0,
+    "bmm": lambda a: torch.tanh(torch.bmm(a[:, None, :], a[:, :, None])).flatten(1),
+    "einsum": lambda a: torch.tanh(torch.einsum("bi,bi->b", a, a))[:, None],
+    "outer": lambda a: torch.sin(a) * 1.5,
+    "truediv": lambda a: torch.sin(a) / (a * a + 1.0) + a / 3.0,
+    "div": lambda a: torch.div(torch.sin(a), a + 3.0),
+    "true_divide": lambda a: torch.true_divide(a, a * a + 1.0),
+    "linear": lambda a: torch.tanh(F.linear(a, torch.ones(2, 4, dtype=a.dtype))),
+}
+
+
+@pytest.mark.parametrize("name", LINEAR_OPS + BILINEAR_OPS + DIVISION_OPS + ("linear",))
+def test_every_op_rule(name: str) -> None:
+    assert name in RULES, f"{name} is not registered"
+    example = OP_EXAMPLES[name]  # a KeyError here means: add an example for the new rule
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, dtype=DT)
+    _check(lambda z: example(_inner(z)), x)
+
+
+def test_every_registered_name_has_a_test() -> None:
+    names = {k for k in RULES if isinstance(k, str)}
+    tested = set(SMOOTH_ELEMENTWISE) | set(PIECEWISE_LINEAR) | set(OP_EXAMPLES)
+    assert names <= tested, f"rules without a test: {sorted(names - tested)}"
+
+
+def _image(shape: tuple[int, ...]) -> nn.Module:
+    return nn.Unflatten(1, shape)
+
+
+MODULES = {  # module type -> a small layer taking (b, 4) inputs
+    nn.Linear: lambda: nn.Linear(4, 4),
+    nn.Conv1d: lambda: nn.Sequential(_image((1, 4)), nn.Conv1d(1, 2, 2, padding=1)),
+    nn.Conv2d: lambda: nn.Sequential(
+        _image((1, 2, 2)), nn.Conv2d(1, 4, 2, padding=1, stride=2, dilation=2)
+    ),
+    nn.Conv3d: lambda: nn.Sequential(_image((1, 1, 2, 2)), nn.Conv3d(1, 2, (1, 2, 2))),
+    nn.Threshold: lambda: nn.Threshold(1.6, 0.0),
+    nn.Hardtanh: lambda: nn.Hardtanh(-0.5, 2.0),
+    nn.Unflatten: lambda: nn.Unflatten(1, (2, 2)),
+    nn.AvgPool1d: lambda: nn.Sequential(_image((1, 4)), nn.AvgPool1d(2)),
+    nn.AvgPool2d: lambda: nn.Sequential(_image((1, 2, 2)), nn.AvgPool2d(2)),
+    nn.AvgPool3d: lambda: nn.Sequential(_image((1, 1, 2, 2)), nn.AvgPool3d((1, 2, 2))),
+    nn.AdaptiveAvgPool1d: lambda: nn.Sequential(_image((1, 4)), nn.AdaptiveAvgPool1d(2)),
+    nn.AdaptiveAvgPool2d: lambda: nn.Sequential(_image((1, 2, 2)), nn.AdaptiveAvgPool2d(1)),
+    nn.MaxPool1d: lambda: nn.Sequential(_image((1, 4)), nn.MaxPool1d(2)),
+    nn.MaxPool2d: lambda: nn.Sequential(_image((1, 2, 2)), nn.MaxPool2d(2)),
+    nn.MaxPool3d: lambda: nn.Sequential(_image((1, 1, 2, 2)), nn.MaxPool3d((1, 2, 2))),
+}
+
+
+@pytest.mark.parametrize(
+    "module_type", [k for k in RULES if isinstance(k, type)] + list(MODULE_NAMES)
+)
+def test_every_module_rule(module_type: type) -> None:
+    layer = MODULES[module_type]() if module_type in MODULES else module_type()
+    model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(2)).to(DT).eval()
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, dtype=DT)
+    with torch.no_grad():
+        model(_inner(x))  # materialise the lazy layer
+    _check(lambda z: torch.tanh(model(_inner(z))) * _inner(z)[:, :2], x)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.norm = nn.Linear(4, 4), nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x)) + x
+        return torch.log_softmax(self.norm(h) * torch.sigmoid(self.b(h)), -1)
+
+
+MODELS = {
+    "mlp-tanh": (lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), (4,)),
+    "mlp-bottleneck": (
+        lambda: nn.Sequential(
+            nn.Linear(12, 5), nn.GELU(), nn.Linear(5, 5), nn.SiLU(), nn.Linear(5, 2)
+        ),
+        (12,),
+    ),
+    "residual-layernorm-softmax": (Residual, (4,)),
+    "cnn-pool-bn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3),
+            nn.BatchNorm2d(3),
+            nn.Softplus(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(12, 2),
+        ).eval(),
+        (1, 6, 6),
+    ),
+}
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "single"])
+@pytest.mark.parametrize("case", list(MODELS))
+def test_models_against_references(case: str, batched: bool) -> None:
+    factory, shape = MODELS[case]
+    torch.manual_seed(3)
+    model = factory().to(DT)
+    x = torch.randn(3, *shape, dtype=DT)
+    if batched:
+        _check(model, x)
+        _, jac, hes = hesse.derivatives(model, x, batched=True, strategy="structured", flat=True)
+        torch.testing.assert_close(hes, _reference(model, x, "hessian"), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(jac, _reference(model, x, "jacobian"), rtol=1e-10, atol=1e-12)
+        return
+    one = x[:1]  # a single input in the model's own layout (with its batch axis of 1)
+    for quantity in QUANTITIES:
+        got = getattr(hesse, quantity)(model, one, output=1, strategy="structured", flat=True)
+        want = getattr(hesse, quantity)(model, one, output=1, strategy="reverse", flat=True)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_matches_float64() -> None:
+    torch.manual_seed(4)
+    model = MODELS["mlp-bottleneck"][0]()
+    x = torch.randn(5, 12)
+    got = hesse.hessian(model, x, batched=True, strategy="structured", flat=True)
+    want = _reference(model.to(DT), x.to(DT), "hessian")
+    torch.testing.assert_close(got.to(DT), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_chunked_equals_unchunked() -> None:
+    torch.manual_seed(5)
+    model = MODELS["mlp-tanh"][0]().to(DT)
+    x = torch.randn(7, 4, dtype=DT)
+    whole = hesse.hessian(model, x, batched=True, strategy="structured")
+    for chunk in (1, 7, 13):
+        part = hesse.hessian(model, x, batched=True, strategy="structured", chunk_size=chunk)
+        torch.testing.assert_close(part, whole, rtol=0, atol=1e-14)
+
+
+def test_untraceable_model_falls_back_and_plan_says_why() -> None:
+    def branchy(x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return torch.tanh(x).sum()
+        return torch.sin(x).sum()
+
+    x = torch.randn(4, dtype=DT)
+    plan = hesse.plan(branchy, x)
+    notes = dict(plan.estimates)
+    assert plan.strategy != "structured"
+    assert notes["structured"].startswith("n/a: torch.fx could not trace")
+    assert "structured" in str(plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: declining is not a fallback
+        got = hesse.hessian(branchy, x)
+    torch.testing.assert_close(got, hessian(branchy)(x), rtol=1e-10, atol=1e-12)
+    with pytest.raises(hesse.StrategyError, match="strategy 'structured' cannot compute this"):
+        hesse.hessian(branchy, x, strategy="structured")
+
+
+def test_inplace_model_declines() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 1)).to(DT)
+    notes = dict(hesse.plan(model, torch.randn(3, dtype=DT)).estimates)
+    assert "in place" in notes["structured"]
+
+
+def test_create_graph_declines() -> None:
+    model = MODELS["mlp-tanh"][0]().to(DT)
+    with pytest.raises(hesse.StrategyError, match="create_graph"):
+        hesse.hessian(model, torch.randn(4, dtype=DT), strategy="structured", create_graph=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("mlp-784-bottleneck", "structured"),
+        ("pinn-mlp-d8", "structured"),
+        ("cnn-28x28", "vmap"),
+    ],
+)
+def test_planner_choices_on_fixed_shapes(case: str, expected: str) -> None:
+    torch.manual_seed(6)
+    if case == "mlp-784-bottleneck":
+        model = nn.Sequential(nn.Linear(784, 256), nn.Softplus(), nn.Linear(256, 10))
+        x, kw = torch.randn(784), {"output": 3}
+    elif case == "pinn-mlp-d8":
+        model = nn.Sequential(
+            nn.Linear(8, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1)
+        )
+        x, kw = torch.randn(64, 8), {"batched": True}
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3),
+            nn.Tanh(),
+            nn.Conv2d(16, 32, 3, stride=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(4608, 10),
+        )
+        x, kw = torch.randn(1, 1, 28, 28), {"batched": True, "output": 3}
+    assert hesse.plan(model, x, **kw).strategy == expected
