@@ -167,8 +167,9 @@ def execute(
         plan = make_plan(problem, quantity, name, candidates, chunk_size, max_memory, estimates)
         try:
             with torch.no_grad() if not create_graph else nullcontext():
-                if st.uses_forward_ad:
+                if st.uses_forward_ad and not problem.cache.get("modes_agree"):
                     _probe_modes_agree(problem)
+                    problem.cache["modes_agree"] = True
                 out = run_plan(problem, plan, v, create_graph, progress)
         except StrategyMismatchError:
             if strategy != "auto":
