@@ -57,7 +57,8 @@ class Structured:
             x1 = problem.x[:1].reshape(shape)
             captured = capture(problem.model)  # type: ignore[arg-type]
             problem.cache["graph_cost"] = graph_cost(captured, x1, problem.n)
-        return problem.batch * problem.cache["graph_cost"].macs(quantity, problem.m)
+        _, macs = problem.cache["graph_cost"].best(quantity, problem.m)
+        return problem.batch * macs
 
     def compute(
         self, problem: Problem, quantity: str, x: torch.Tensor, v: torch.Tensor | None = None
@@ -68,6 +69,8 @@ class Structured:
         """
         s = x.shape[0]
         shape = (s, *problem.in_shape) if problem.batched else tuple(problem.in_shape)
+        self.estimate(problem, quantity)  # fills the graph cost in the problem's cache
+        mode, _ = problem.cache["graph_cost"].best(quantity, problem.m)
         out = structured_pass(
             capture(problem.model),  # type: ignore[arg-type]  # checked by unsupported()
             x,
@@ -75,6 +78,7 @@ class Structured:
             s if problem.batched else 1,
             problem.index,
             WANTS[quantity],
+            mode,
         )
         if quantity == "hvp" and v is not None:
             return {"hvp": torch.einsum("bmij,bj->bmi", out["hessian"], v)}

@@ -46,19 +46,32 @@ class GraphCost:
     bottleneck: bool
     nodes: int
 
-    def macs(self, quantity: str, m: int) -> float:
-        """Estimated multiply-adds per sample for ``quantity`` with ``m`` outputs."""
+    def macs(self, quantity: str, m: int, mode: str = "gram") -> float:
+        """Estimated multiply-adds per sample for ``quantity`` with ``m`` outputs.
+
+        ``mode`` is ``"gram"`` (per-layer terms, ``I d^2`` each) or ``"sweep"`` (the
+        rule-based reverse sweep: another ``d`` passes through the transposed layers).
+        """
         d, f = self.d, self.forward_macs
         diag = quantity in ("hessian_diag", "laplacian") and not self.bottleneck
         total = d * f + 2e4 * self.nodes
         if quantity == "jacobian":
             return total + (m * d * self.n if self.bottleneck else 0.0)
-        width = d if diag else d * d
+        width = d if diag or mode == "sweep" else d * d
         per_output = 2 * f + sum(self.term_sizes) * width
         per_output += sum(self.generic_sizes) * (width + 10 * d)
+        if mode == "sweep":
+            per_output += d * f
         if self.bottleneck:
             per_output += d * d * self.n + (d * self.n * self.n if quantity != "laplacian" else 0)
         return total + m * per_output
+
+    def best(self, quantity: str, m: int) -> tuple[str, float]:
+        """The cheaper mode for ``quantity`` (the sweep only computes whole Hessians)."""
+        modes = ("gram", "sweep") if quantity in ("hessian", "derivatives", "hvp") else ("gram",)
+        costs = {mode: self.macs(quantity, m, mode) for mode in modes}
+        mode = min(costs, key=costs.__getitem__)
+        return mode, costs[mode]
 
 
 def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
@@ -95,7 +108,7 @@ def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
             varying.add(step.node)
             size = sum(env[v].numel() for v in inputs)  # type: ignore[union-attr]
             if isinstance(step.rule, ElementwiseRule):
-                if step.rule.curvature:
+                if step.rule.curvature_on:
                     terms.append(size)
             elif type(step.rule) is Rule:
                 generic.append(size)

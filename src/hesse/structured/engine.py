@@ -61,10 +61,17 @@ def find_seed(captured: Captured, n: int) -> Seed:
 
 @dataclass
 class Record:
-    """A nonlinear node kept for its second-order term."""
+    """An evaluated node that depends on the input, kept for the backward sweeps.
+
+    Attributes:
+        step: The captured step.
+        site: Its values, tangents and rule state.
+        inputs: The nodes of its varying inputs, in the order of ``site.inputs``.
+    """
 
     step: Step
     site: Site
+    inputs: tuple[fx.Node, ...]
 
 
 SHAPE_QUERIES = {"size", "dim", "numel", "getattr", "type", "__len__"}
@@ -75,7 +82,8 @@ def _inputs(step: Step, env: dict, tangents: dict):
     leaves, spec = tree_flatten((step.node.args, step.node.kwargs))
     values = [env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
     varying = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node) and leaf in tangents]
-    return values, spec, varying, [tangents[leaves[i]] for i in varying]
+    nodes = tuple(leaves[i] for i in varying)
+    return values, spec, varying, [tangents[node] for node in nodes], nodes
 
 
 def _check_tensor_output(step: Step, out: object) -> None:
@@ -99,16 +107,20 @@ def _site(step: Step, values: list, spec, varying: list[int], tangents: list, ou
     return Site(fn, inputs, tuple(tangents), output, step.call, extra, tuple(varying))
 
 
-def forward(captured: Captured, x: torch.Tensor, seed: Seed) -> tuple[torch.Tensor, dict, list]:
+def forward(
+    captured: Captured, x: torch.Tensor, seed: Seed, keep_linear: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[Record], fx.Node]:
     """Evaluates the graph on ``x`` with autograd and pushes tangents through every node.
 
     Args:
         captured: The captured model.
         x: Input in the model's own layout, requiring grad.
         seed: Where tangents start.
+        keep_linear: Record linear nodes too (the reverse sweep needs every node).
 
     Returns:
-        The output value, the tangents of every varying node, and the nonlinear records.
+        The output value, its tangent, the records of the nonlinear (or all varying)
+        nodes in evaluation order, and the node where tangents start.
     """
     env: dict[fx.Node, object] = {}
     tangents: dict[fx.Node, torch.Tensor] = {}
@@ -128,7 +140,7 @@ def forward(captured: Captured, x: torch.Tensor, seed: Seed) -> tuple[torch.Tens
         eye = eye.reshape(seed.d, *([1] * (x.dim() - len(per_sample))), *per_sample)
         tangents[placeholder] = eye.expand(seed.d, *x.shape).contiguous()
     for step in captured.steps:
-        values, spec, varying, inputs_t = _inputs(step, env, tangents)
+        values, spec, varying, inputs_t, input_nodes = _inputs(step, env, tangents)
         args, kwargs = tree_unflatten(values, spec)
         out = step.call(*args, **kwargs)
         env[step.node] = out
@@ -150,12 +162,13 @@ def forward(captured: Captured, x: torch.Tensor, seed: Seed) -> tuple[torch.Tens
             site.state = step.rule.weight(tuple(values))
         with torch.no_grad():
             tangents[step.node] = step.rule.tangent(site)
-        if not step.rule.linear:
-            records.append(Record(step, site))
+        if keep_linear or not step.rule.linear:
+            records.append(Record(step, site, input_nodes))
     output = next(n for n in captured.module.graph.nodes if n.op == "output")
     out_node = output.args[0]
     if not isinstance(out_node, fx.Node) or not isinstance(env.get(out_node), torch.Tensor):
         raise CaptureError("the captured model does not return one tensor")
     if out_node not in tangents:
         tangents[out_node] = torch.zeros(seed.d, *env[out_node].shape, dtype=x.dtype)
-    return env[out_node], tangents[out_node], records  # type: ignore[return-value]
+    start = seed.node if seed.matrix is not None else placeholder
+    return env[out_node], tangents[out_node], records, start  # type: ignore[return-value]

@@ -28,6 +28,12 @@ class LinearRule(Rule):
             return super().tangent(site)
         return F.linear(site.tangents[0], site.state)
 
+    def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``gdot W`` for every direction."""
+        if len(site.tangents) != 1 or site.state is None:
+            return super().transpose(site, gdot)
+        return (gdot @ site.state,)
+
     def weight(self, site_args: tuple) -> torch.Tensor | None:
         """The constant weight of this call, if the only varying input is the first."""
         if self.module is not None:
@@ -51,3 +57,40 @@ class ConvRule(Rule):
         per_image = site.inputs[0].shape[-(spatial + 1) :]
         out = self.module._conv_forward(t.reshape(-1, *per_image), self.module.weight, None)
         return out.reshape(t.shape[0], *site.output.shape)
+
+    def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The transposed convolution of every direction as one batch."""
+        mod = self.module
+        spatial = len(mod.kernel_size)
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return super().transpose(site, gdot)
+        a = site.inputs[0]
+        per_image = a.shape[-(spatial + 1) :]
+        grads = gdot.reshape(-1, *site.output.shape[-(spatial + 1) :])
+        extra = tuple(
+            a_len - ((o_len - 1) * st - 2 * p + dl * (k - 1) + 1)
+            for a_len, o_len, st, p, dl, k in zip(
+                per_image[1:],
+                grads.shape[2:],
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                mod.kernel_size,
+                strict=True,
+            )
+        )
+        if spatial == 2:  # oneDNN's transposed convolution is fastest in channels-last
+            grads = grads.contiguous(memory_format=torch.channels_last)
+        out = _CONV_TRANSPOSE[spatial](
+            grads,
+            mod.weight,
+            stride=mod.stride,
+            padding=mod.padding,
+            output_padding=extra,
+            groups=mod.groups,
+            dilation=mod.dilation,
+        )
+        return (out.reshape(gdot.shape[0], *a.shape),)
+
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}

@@ -103,3 +103,18 @@ class Rule:
         if self.linear:
             return None
         return pair_term(hvp_directions(site, g), site.tangents, batch, diag)
+
+    # NOTE: [reverse sweep] Forward-over-reverse by rules: the adjoint's tangent
+    # ``gdot = d(adjoint)/dx . e_p`` flows back through each op as
+    #     gdot_a = phi'(a)^T gdot_y  +  d^2(g . phi)/da^2 J_a
+    # (the transpose of the op, plus its curvature applied to the input's tangent); at the
+    # input it is the Hessian. Cost ~2 d forward passes, no d^2 terms.
+
+    def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``phi'(a)^T gdot`` for every direction: one ``(d, *a.shape)`` per input."""
+        _, pull = vjp(site.fn, *site.inputs)
+        return vmap(pull)(gdot)
+
+    def curvature(self, site: Site, g: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """``d^2 (g . phi) / da^2 J_a`` per input, or None for linear ops."""
+        return None if self.linear else hvp_directions(site, g)

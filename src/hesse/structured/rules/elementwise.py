@@ -71,7 +71,7 @@ class ElementwiseRule(Rule):
     """A smooth elementwise op (tanh, softplus, GELU, SiLU, exp, ...)."""
 
     name = "elementwise"
-    curvature = True
+    curvature_on = True
 
     def __init__(self, name: str):
         self.name = name
@@ -85,7 +85,7 @@ class ElementwiseRule(Rule):
         a = site.inputs[0]
         with torch.no_grad():
             d1, d2 = closed(a, site.output, site.call) if closed else derivatives(site.fn, a)
-        site.state = d2
+        site.state = (d1, d2)
         return d1 * site.tangents[0]
 
     def call_is_plain(self, site: Site) -> bool:
@@ -96,16 +96,30 @@ class ElementwiseRule(Rule):
         """``J^T diag(g phi'') J`` per sample, or its diagonal."""
         if site.state is None:
             return super().term(site, g, batch, diag)
-        if not self.curvature:
+        if not self.curvature_on:
             return None
         jt = per_sample(site.tangents[0], batch)  # (B, d, I)
-        w = (g * site.state).reshape(batch, 1, -1)
+        w = (g * site.state[1]).reshape(batch, 1, -1)
         if diag:
             return (jt * jt * w).sum(-1)
         return torch.bmm(jt * w, jt.transpose(1, 2))
+
+    def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``phi'(a) * gdot``."""
+        if site.state is None:
+            return super().transpose(site, gdot)
+        return (site.state[0] * gdot,)
+
+    def curvature(self, site: Site, g: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """``phi''(a) * g * J_a``."""
+        if site.state is None:
+            return super().curvature(site, g)
+        if not self.curvature_on:
+            return None
+        return (site.state[1] * g * site.tangents[0],)
 
 
 class PiecewiseLinearRule(ElementwiseRule):
     """ReLU-like ops: ``phi''`` is zero almost everywhere, so there is no term."""
 
-    curvature = False
+    curvature_on = False

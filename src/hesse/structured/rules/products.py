@@ -19,9 +19,14 @@ class BilinearRule(Rule):
         self.name = name
         self.linear_positions = linear_positions  # None: linear in any single argument
 
+    def _linear_here(self, site: Site) -> bool:
+        single = len(site.tangents) == 1
+        return single and (self.linear_positions is None or site.positions == self.linear_positions)
+
     def term(self, site: Site, g: torch.Tensor, batch: int, diag: bool) -> torch.Tensor | None:
         """None when one argument varies (and it is one the op is linear in)."""
-        single = len(site.tangents) == 1
-        if single and (self.linear_positions is None or site.positions == self.linear_positions):
-            return None
-        return super().term(site, g, batch, diag)
+        return None if self._linear_here(site) else super().term(site, g, batch, diag)
+
+    def curvature(self, site: Site, g: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """None when one argument varies (and it is one the op is linear in)."""
+        return None if self._linear_here(site) else super().curvature(site, g)
