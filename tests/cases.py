@@ -83,11 +83,11 @@ class Residual(nn.Module):
 class SmallCNN(nn.Module):
     """Conv -> tanh -> AvgPool -> flatten -> Linear; works on (C,H,W) and (N,C,H,W)."""
 
-    def __init__(self, side: int = 6, classes: int = 3, stride: int = 1) -> None:
+    def __init__(self, side: int = 5, classes: int = 2, stride: int = 1, kernel: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, stride=stride)
+        self.conv = nn.Conv2d(1, 2, kernel, stride=stride)
         self.pool = nn.AvgPool2d(2)
-        conv_side = (side - 3) // stride + 1
+        conv_side = (side - kernel) // stride + 1
         self.head = nn.Linear(2 * (conv_side // 2) ** 2, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +159,60 @@ class InPlaceWrite(nn.Module):
         return out
 
 
+class PartialDependence(nn.Module):
+    """Uses only features 0 and 1 of 4: zero rows and columns, never "unused" errors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x[..., 0], x[..., 1]
+        return torch.stack([a * a * b, torch.sin(b), b], dim=-1)
+
+
+class _CubeOldStyle(torch.autograd.Function):
+    """Old-style custom Function (no ``setup_context``): torch.func cannot run it at all."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad  # differentiable, so double backward works
+
+
+class _CubeNoJvp(torch.autograd.Function):
+    """torch.func-ready custom Function without a ``jvp``: no forward-mode AD."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CustomFunctionNet(nn.Module):
+    """Linear -> custom cube Function -> Linear."""
+
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+        self.inp = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.function.apply(self.inp(x)))
+
+
 def bn_eval_net() -> nn.Module:
     net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2))
     bn = net[1]
@@ -185,7 +239,11 @@ class Case:
         make_x: ``make_x(batched)`` builds the input; batched inputs have ``B`` samples.
         modes: The ``batched`` values the case supports.
         output: The ``output=`` argument the case is called with.
-        vmap_ok: False if the model cannot run under ``torch.func.vmap``.
+        vmap_ok: False if a ``torch.func`` / vmap-based strategy may be unable to run the
+            model (it must then raise a StrategyError, or give the right answer).
+        needs: What the model needs: ``"any"``; ``"reverse"`` (no forward-mode AD: a
+            forward-over-reverse strategy must refuse second-order quantities); ``"autograd"``
+            (torch.func cannot run it: only plain-autograd strategies can).
         zero_hessian: The second derivative is identically zero.
         tags: Free-form labels.
     """
@@ -197,6 +255,7 @@ class Case:
     output: Any = None
     vmap_ok: bool = True
     zero_hessian: bool = False
+    needs: str = "any"
     seed: int = 0
     tags: frozenset[str] = field(default_factory=frozenset)
 
@@ -239,15 +298,32 @@ CASES: tuple[Case, ...] = (
     Case("mlp-gelu", lambda: mlp(4, (5, 5), 2, nn.GELU), _randn(4), seed=6),
     Case("mlp-silu", lambda: mlp(3, (7,), 4, nn.SiLU), _randn(3), seed=7),
     Case("residual-mlp", Residual, _randn(5), seed=8),
-    Case("cnn-avgpool", SmallCNN, _randn(1, 6, 6), seed=9),
+    Case("cnn-avgpool", SmallCNN, _randn(1, 5, 5), seed=9),
     Case("layernorm", LayerNormNet, _randn(4), seed=10),
     Case("multi-output-2x3", MultiOutput, _randn(4), seed=11),
     Case("noncontig-transposed", lambda: mlp(4, (5,), 2, nn.Tanh), _transposed, seed=12),
     Case("noncontig-sliced", lambda: mlp(4, (5,), 2, nn.Softplus), _sliced, seed=13),
     Case("assumes-batch-dim", AssumesBatch, _randn(2, 3), modes=(True,), seed=14),
     Case("batchnorm-eval", bn_eval_net, _randn(4), modes=(True,), seed=15),
+    Case("partial-dependence", PartialDependence, _randn(4), seed=18),
     Case("item-call", ItemCheck, _randn(4), vmap_ok=False, seed=16),
     Case("inplace-write", InPlaceWrite, _randn(4), vmap_ok=False, seed=17),
+    Case(
+        "custom-fn-old-style",
+        lambda: CustomFunctionNet(_CubeOldStyle),
+        _randn(4),
+        vmap_ok=False,
+        needs="autograd",
+        seed=19,
+    ),
+    Case(
+        "custom-fn-no-jvp",
+        lambda: CustomFunctionNet(_CubeNoJvp),
+        _randn(4),
+        vmap_ok=False,
+        needs="reverse",
+        seed=20,
+    ),
 )
 
 CASES_BY_ID = {c.id: c for c in CASES}
@@ -267,7 +343,7 @@ def case_by_id(case_id: str) -> Case:
 # The big example of the seed: a CNN class logit of one 1x28x28 image, 784x784 Hessian.
 def cnn28() -> tuple[nn.Module, torch.Tensor]:
     with seeded(28):
-        model = SmallCNN(side=28, classes=10, stride=3)
+        model = SmallCNN(side=28, classes=10, stride=3, kernel=3)
         x = torch.randn(1, 28, 28)
     return model, x
 
@@ -286,7 +362,7 @@ class ReluNet(nn.Module):
 class MaxPoolNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
+        self.conv = nn.Conv2d(1, 2, 2)
         self.pool = nn.MaxPool2d(2)
         self.head = nn.Linear(8, 2)
 

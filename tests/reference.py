@@ -24,8 +24,6 @@ from torch.func import functional_call, jacfwd, jacrev
 
 QUANTITIES = ("jacobian", "hessian", "hessian_diag", "laplacian", "hvp", "derivatives")
 SECOND_ORDER = ("hessian", "hessian_diag", "laplacian", "hvp", "derivatives")
-# quantities whose signature has ``flat=`` (the contract's signature of laplacian has none)
-HAS_FLAT = ("jacobian", "hessian", "hessian_diag", "hvp", "derivatives")
 
 
 # --------------------------------------------------------------------------------------
@@ -142,10 +140,7 @@ def reference(f: Callable, x: torch.Tensor, batched: bool = False, output: Any =
         jacs.append(torch.autograd.functional.jacobian(g, xs))
         hessians.append(
             torch.stack(
-                [
-                    torch.autograd.functional.hessian(lambda z, k=k: g(z)[k], xs)
-                    for k in range(m)
-                ]
+                [torch.autograd.functional.hessian(lambda z, k=k: g(z)[k], xs) for k in range(m)]
             )
         )
     return _assemble(values, jacs, hessians, q, s, batched)
@@ -227,7 +222,7 @@ def third_derivative_of_sum(
     f: Callable, x: torch.Tensor, batched: bool = False, output: Any = None
 ) -> torch.Tensor:
     """``d/dx sum(H(x))`` (summed over selected outputs and samples), by ``torch.func``."""
-    g, samples, s, q, m = _setup(f, x, batched, output)
+    g, samples, _, _, m = _setup(f, x, batched, output)
 
     def total(z: torch.Tensor) -> torch.Tensor:
         return sum(jacfwd(jacrev(lambda w, k=k: g(w)[k]))(z).sum() for k in range(m))
@@ -294,7 +289,7 @@ def expected_shape(quantity: str, ref: Ref, flat: bool) -> Any:
 def expected(quantity: str, ref: Ref, flat: bool = False, v: torch.Tensor | None = None) -> Any:
     """The expected result of ``hesse.<quantity>`` computed from a :class:`Ref`."""
     lead, m, n = ref.lead, ref.m, ref.n
-    h = ref.hessian.reshape(lead + (m, n, n))
+    h = ref.hessian.reshape((*lead, m, n, n))
     if quantity == "jacobian":
         full = ref.jacobian
     elif quantity == "hessian":
@@ -306,7 +301,7 @@ def expected(quantity: str, ref: Ref, flat: bool = False, v: torch.Tensor | None
     elif quantity == "hvp":
         if v is None:
             raise ValueError("hvp needs v")
-        vv = v.reshape(lead + (1, n, 1)).to(h.dtype)
+        vv = v.reshape((*lead, 1, n, 1)).to(h.dtype)
         full = (h @ vv)[..., 0]
     elif quantity == "derivatives":
         shapes = expected_shape(quantity, ref, flat)
@@ -360,17 +355,16 @@ def assert_close(
         return
     excess = torch.where(bad, torch.nan_to_num(err - bound, nan=float("inf")), -1.0)
     order = excess.reshape(-1).argsort(descending=True)[:worst]
+    max_err = float(err.nan_to_num(float("inf")).max())
     lines = [
         f"{name}: {int(bad.sum())} of {bad.numel()} entries differ "
-        f"(rtol={rtol:.1e}, atol={atol:.1e}); max abs err {float(err.nan_to_num(float('inf')).max()):.3e}, "
+        f"(rtol={rtol:.1e}, atol={atol:.1e}); max abs err {max_err:.3e}, "
         f"max|expected| {float(e.abs().max()):.3e}. Worst entries:"
     ]
     for flat in order.tolist():
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), e.shape))
-        lines.append(
-            f"  {index}: actual {float(a.reshape(-1)[flat]):+.10e}  "
-            f"expected {float(e.reshape(-1)[flat]):+.10e}  |diff| {float(err.reshape(-1)[flat]):.3e}"
-        )
+        got, want, diff = (float(t.reshape(-1)[flat]) for t in (a, e, err))
+        lines.append(f"  {index}: actual {got:+.10e}  expected {want:+.10e}  |diff| {diff:.3e}")
     raise AssertionError("\n".join(lines))
 
 

@@ -85,6 +85,8 @@ def test_bench_in_checkout_forwards_arguments(
 ) -> None:
     bench_dir = tmp_path / "benchmarks"
     bench_dir.mkdir()
+    # a regular package: a namespace one would lose to the real benchmarks/ on sys.path
+    (bench_dir / "__init__.py").write_text("")
     (bench_dir / "run.py").write_text(
         "SEEN = []\ndef main(argv):\n    SEEN.append(list(argv))\n    return 7\n"
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from contextlib import nullcontext
 
 import torch
 from torch.func import jvp, vjp
@@ -28,8 +27,9 @@ from .strategies import Strategy, get_strategy
 INCOMPATIBLE: dict[str, tuple[str, ...]] = {
     "forward_ad": (
         r"forward AD",
-        r"forward-mode",
+        r"forward[- ]mode",
         r"forward grad",
+        r"implement the jvp",
         r"jvp.*not (implemented|supported)",
     ),
     "vmap": (
@@ -117,7 +117,7 @@ def run_plan(
                 direction = None if v is None else v[samples]
                 arrays = strategy.compute(problem, plan.quantity, problem.x[samples], direction)  # type: ignore[attr-defined]
                 for name, arr in arrays.items():
-                    sinks[name].write(samples, slice(None), arr)
+                    sinks[name].write(samples, slice(None), arr.detach())
                 bar.update()
         return {name: sink.result() for name, sink in sinks.items()}
     with bar:
@@ -130,6 +130,8 @@ def run_plan(
                 for name, (block, index) in quantity.kernel(
                     strategy, problem, work, create_graph
                 ).items():
+                    if not create_graph:  # never keep a graph alive in the result
+                        block = block.detach()
                     sinks[name].write(
                         samples, slice(i0, i1) if index is None else index, block.movedim(0, 1)
                     )
@@ -166,11 +168,12 @@ def execute(
             continue
         plan = make_plan(problem, quantity, name, candidates, chunk_size, max_memory, estimates)
         try:
-            with torch.no_grad() if not create_graph else nullcontext():
-                if st.uses_forward_ad and not problem.cache.get("modes_agree"):
-                    _probe_modes_agree(problem)
-                    problem.cache["modes_agree"] = True
-                out = run_plan(problem, plan, v, create_graph, progress)
+            # Grad mode stays on: under no_grad, forward-mode AD through some backward
+            # formulas (e.g. silu_backward) fails. Blocks are detached instead.
+            if st.uses_forward_ad and not problem.cache.get("modes_agree"):
+                _probe_modes_agree(problem)
+                problem.cache["modes_agree"] = True
+            out = run_plan(problem, plan, v, create_graph, progress)
         except StrategyMismatchError:
             if strategy != "auto":
                 raise

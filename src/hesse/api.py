@@ -204,6 +204,7 @@ def derivatives(
     )
     with torch.no_grad() if not create_graph else torch.enable_grad():
         value = problem.fn(problem.x)
+    warn_zero(problem, arrays["gradient"], second_order=False)
     warn_zero(problem, arrays["hessian"], second_order=True)
     return (
         finish(problem, value, 0, flat),
