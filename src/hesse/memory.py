@@ -104,20 +104,25 @@ def profile_forward(
         x: A small input, usually one sample, shape ``(1, n)``.
 
     Returns:
-        The summed size of every tensor packed for backward plus the output's size, and
+        The summed size of the activations packed for backward (weights excluded: they are
+        shared by all work items) plus the output's size, and
         the multiply-adds of matrix products and convolutions (FlopCounterMode).
     """
     total = 0
 
+    xin = x.detach().requires_grad_(True)
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        total += t.numel() * t.element_size()
+        root = t._base if t._base is not None else t
+        if not (root.is_leaf and root is not xin):  # weights are shared, not per item
+            total += t.numel() * t.element_size()
         return t
 
     counter = FlopCounterMode(display=False)
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with torch.enable_grad(), hooks, counter:
-        out = fn(x.detach().requires_grad_(True))
+        out = fn(xin)
     macs = counter.get_total_flops() / 2 + out.numel()
     return total + out.numel() * out.element_size(), float(max(macs, x.numel()))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.func import vmap
 
 from .capture import Captured
 from .engine import Record, Seed, find_seed, forward
@@ -12,12 +13,14 @@ from .engine import Record, Seed, find_seed, forward
 
 def _terms(records: list[Record], grads: tuple, batch: int, diag: bool, d: int, like):
     """Sum of the nonlinear nodes' terms: ``(B, d, d)`` or ``(B, d)``."""
-    total = like.new_zeros((batch, d) if diag else (batch, d, d))
-    for record, g in zip(records, grads, strict=True):
-        part = record.step.rule.term(record.site, g, batch, diag)
-        if part is not None:
-            total = total + part
-    return total
+    parts = [
+        part
+        for record, g in zip(records, grads, strict=True)
+        if (part := record.step.rule.term(record.site, g, batch, diag)) is not None
+    ]
+    if not parts:
+        return like.new_zeros((batch, d) if diag else (batch, d, d))
+    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
 
 def _sweep(records: list[Record], grads: dict, start, d: int, batch: int, like) -> torch.Tensor:
@@ -109,34 +112,69 @@ def structured_pass(
     return result
 
 
-def _second_order(records, xin, y, seed: Seed, batch, second: set, gradient: bool, start):
+def _adjoints(y: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Adjoints of every output ``k`` w.r.t. ``outputs``, stacked first: ``(m, *shape)``.
+
+    One vectorised backward pass for all selected outputs (``is_grads_batched``); a loop
+    over outputs where an op has no batching rule for its backward.
+    """
     m = y.shape[1]
-    curved = [r for r in records if not r.step.rule.linear]
-    outputs = [r.site.output for r in curved] + [xin]
-    diag_only = second == {"diag"} and seed.matrix is None
-    per_output: dict[str, list[torch.Tensor]] = {k: [] for k in (*second, "gradient")}
-    for k in range(m):
+    if m == 1:
         grads = torch.autograd.grad(
-            y[:, k].sum(), outputs, retain_graph=True, allow_unused=True, materialize_grads=True
+            y.sum(), outputs, retain_graph=True, allow_unused=True, materialize_grads=True
         )
-        if gradient:
-            per_output["gradient"].append(grads[-1].reshape(batch, -1).detach())
-        if not second:
-            continue
-        with torch.no_grad():
-            if start is not None:
-                by_node = {r.step.node: g for r, g in zip(curved, grads[:-1], strict=True)}
-                h = _sweep(records, by_node, start, seed.d, batch, y)
+        return tuple(g[None] for g in grads)
+    seeds = torch.eye(m, dtype=y.dtype, device=y.device)[:, None, :].expand(m, *y.shape)
+    try:
+        return torch.autograd.grad(
+            y,
+            outputs,
+            seeds,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError:
+        per_k = [
+            torch.autograd.grad(
+                y[:, k].sum(), outputs, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            for k in range(m)
+        ]
+        return tuple(torch.stack(gs) for gs in zip(*per_k, strict=True))
+
+
+def _second_order(records, xin, y, seed: Seed, batch, second: set, gradient: bool, start):
+    curved = [r for r in records if not r.step.rule.linear]
+    grads = _adjoints(y, [r.site.output for r in curved] + [xin])
+    result: dict[str, torch.Tensor] = {}
+    if gradient:
+        result["gradient"] = grads[-1].reshape(y.shape[1], batch, -1).detach().movedim(0, 1)
+    if not second:
+        return result
+    diag_only = second == {"diag"} and seed.matrix is None
+
+    def one_output(*gs: torch.Tensor) -> torch.Tensor:
+        if start is not None:
+            by_node = {r.step.node: g for r, g in zip(curved, gs, strict=True)}
+            return _sweep(records, by_node, start, seed.d, batch, y)
+        return _terms(records, gs, batch, diag_only, seed.d, y)
+
+    with torch.no_grad():
+        adj = grads[:-1]
+        if y.shape[1] == 1 or start is not None:  # the sweep is batched over d already
+            h = torch.stack([one_output(*(g[k] for g in adj)) for k in range(y.shape[1])])
+        else:
+            h = vmap(one_output)(*adj)
+        if "hessian" in second:
+            result["hessian"] = _to_input(seed, h, diag=False).movedim(0, 1)
+        if "diag" in second:
+            if diag_only:
+                diag = h
+            elif seed.matrix is not None:
+                diag = _to_input(seed, h, diag=True)
             else:
-                h = _terms(records, grads[:-1], batch, diag_only, seed.d, y)
-            if "hessian" in second:
-                per_output["hessian"].append(_to_input(seed, h, diag=False))
-            if "diag" in second:
-                per_output["diag"].append(
-                    h
-                    if diag_only
-                    else _to_input(seed, h, diag=True)
-                    if seed.matrix is not None
-                    else h.diagonal(dim1=-2, dim2=-1)
-                )
-    return {k: torch.stack(v, 1) for k, v in per_output.items() if v}
+                diag = h.diagonal(dim1=-2, dim2=-1)
+            result["diag"] = diag.movedim(0, 1)
+    return result
