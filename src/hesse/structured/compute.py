@@ -163,8 +163,9 @@ def _second_order(records, xin, y, seed: Seed, batch, second: set, gradient: boo
 
     with torch.no_grad():
         adj = grads[:-1]
-        if y.shape[1] == 1 or start is not None:  # the sweep is batched over d already
+        if y.shape[1] == 1 or start is not None or not adj:  # the sweep is batched over d
             h = torch.stack([one_output(*(g[k] for g in adj)) for k in range(y.shape[1])])
+            # (with no curved node, every term is zero: one_output returns zeros)
         else:
             h = vmap(one_output)(*adj)
         if "hessian" in second:
