@@ -55,11 +55,23 @@ def build_network(inst: Instance) -> Any:
     return net.NN(*blocks).requires_grad_(False)
 
 
+FORWARD_LIMIT_BYTES = 2 * 2**30
+
+
 def _mode(forward: bool):
     def prepare(inst: Instance) -> Prepared:
         network = build_network(inst)
         x = inst.x if inst.case.batched else inst.x.unsqueeze(0)
         laplacian = forward and inst.case.quantity == "laplacian"
+        if forward and not laplacian:
+            # forward mode carries a (B, n, n, width) second-order tensor per layer
+            width = max(inst.case.config.get("sizes", (256,))[1:])
+            need = inst.case.samples * inst.case.n**2 * width * x.element_size()
+            if need > FORWARD_LIMIT_BYTES:
+                raise Unsupported(
+                    f"forward mode would hold {need / 2**30:.1f} GiB per layer "
+                    f"(B n^2 width); over the {FORWARD_LIMIT_BYTES / 2**30:.0f} GiB limit"
+                )
 
         def run() -> torch.Tensor:
             _, _, d2f = network(
