@@ -57,8 +57,9 @@ class Structured:
             x1 = problem.x[:1].reshape(shape)
             captured = capture(problem.model)  # type: ignore[arg-type]
             problem.cache["graph_cost"] = graph_cost(captured, x1, problem.n)
-        _, macs = problem.cache["graph_cost"].best(quantity, problem.m)
-        return problem.batch * macs
+        cost = problem.cache["graph_cost"]
+        _, macs = cost.best(quantity, problem.m)
+        return problem.batch * macs + cost.overhead(quantity, problem.m)
 
     def compute(
         self, problem: Problem, quantity: str, x: torch.Tensor, v: torch.Tensor | None = None

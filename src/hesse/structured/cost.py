@@ -54,7 +54,7 @@ class GraphCost:
         """
         d, f = self.d, self.forward_macs
         diag = quantity in ("hessian_diag", "laplacian") and not self.bottleneck
-        total = d * f + 2e4 * self.nodes
+        total = d * f
         if quantity == "jacobian":
             return total + (m * d * self.n if self.bottleneck else 0.0)
         width = d if diag or mode == "sweep" else d * d
@@ -65,6 +65,15 @@ class GraphCost:
         if self.bottleneck:
             per_output += d * d * self.n + (d * self.n * self.n if quantity != "laplacian" else 0)
         return total + m * per_output
+
+    def overhead(self, quantity: str, m: int) -> float:
+        """Fixed cost of one call in multiply-add equivalents (Python and dispatch).
+
+        Every node costs ~30 us (1.5e6 at ~50 GMAC/s); a node of the generic rule runs
+        vectorised ``torch.func`` transforms, ~200 us (1e7), again per output.
+        """
+        per_output = 1e7 * len(self.generic_sizes) if quantity != "jacobian" else 0.0
+        return 1.5e6 * self.nodes + m * per_output
 
     def best(self, quantity: str, m: int) -> tuple[str, float]:
         """The cheaper mode for ``quantity`` (the sweep only computes whole Hessians)."""
