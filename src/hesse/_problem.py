@@ -50,8 +50,6 @@ class Problem:
         sel_shape: Shape ``Q`` of the selected per-sample output.
         m: Number of selected outputs, ``prod(Q)``.
         piecewise_ops: Piecewise-linear torch functions seen in the probe forward.
-        saved_bytes: Bytes autograd saves in one forward of one sample.
-        forward_macs: Multiply-adds of one forward pass of one sample.
         scripted: Whether ``f`` is TorchScript (only the loop strategy applies).
         out_dtype: dtype of the returned result.
         model: The caller's ``f`` after preparation (unwrapped, upcast), for strategies
@@ -68,8 +66,6 @@ class Problem:
     sel_shape: tuple[int, ...]
     m: int
     piecewise_ops: list[str] = field(default_factory=list)
-    saved_bytes: int = 0
-    forward_macs: float = 0.0
     scripted: bool = False
     out_dtype: torch.dtype = torch.float32
     model: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -80,6 +76,16 @@ class Problem:
     def batch(self) -> int:
         """Number of samples ``B``."""
         return self.x.shape[0]
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of activations autograd saves in one forward of one sample (measured)."""
+        return self.cache["profile"][0]
+
+    @property
+    def forward_macs(self) -> float:
+        """Multiply-adds of one forward pass of one sample (measured)."""
+        return self.cache["profile"][1]
 
     @property
     def n(self) -> int:

@@ -278,5 +278,4 @@ def measure(problem: Problem) -> Problem:
     """Fills in the working set and multiply-adds of one sample (one extra forward pass)."""
     if "profile" not in problem.cache:
         problem.cache["profile"] = profile_forward(problem.fn, problem.x[:1])
-    problem.saved_bytes, problem.forward_macs = problem.cache["profile"]
     return problem

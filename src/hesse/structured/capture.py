@@ -57,6 +57,20 @@ class Captured:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def start_env(captured: Captured, x: torch.Tensor) -> tuple[fx.Node, dict[fx.Node, object]]:
+    """The input node and an environment holding ``x`` and every constant of the graph."""
+    nodes = iter(captured.module.graph.nodes)
+    placeholder = next(nodes)
+    env: dict[fx.Node, object] = {placeholder: x}
+    for node in nodes:
+        if node.op == "get_attr":  # parameters, buffers and closed-over tensors
+            value: object = captured.module
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            env[node] = value
+    return placeholder, env
+
+
 def _method_caller(name: str) -> Callable[..., Any]:
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         return getattr(self, name)(*args, **kwargs)

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import Captured
+from .capture import Captured, start_env
 from .engine import find_seed
 from .rules.base import Rule
 from .rules.elementwise import ElementwiseRule
@@ -92,15 +92,7 @@ def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
         n: Inputs per sample.
     """
     seed = find_seed(captured, n)
-    nodes = iter(captured.module.graph.nodes)
-    placeholder = next(nodes)
-    env: dict[fx.Node, object] = {placeholder: x}
-    for node in nodes:
-        if node.op == "get_attr":
-            value: object = captured.module
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            env[node] = value
+    placeholder, env = start_env(captured, x)
     varying = {seed.node} if seed.matrix is not None else {placeholder}
     terms, generic = [], []
     counter = FlopCounterMode(display=False)

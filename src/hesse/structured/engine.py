@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .capture import Captured, CaptureError, Step
+from .capture import Captured, CaptureError, Step, start_env
 from .rules import Site
 from .rules.affine import LinearRule
 
@@ -122,18 +122,9 @@ def forward(
         The output value, its tangent, the records of the nonlinear (or all varying)
         nodes in evaluation order, and the node where tangents start.
     """
-    env: dict[fx.Node, object] = {}
+    placeholder, env = start_env(captured, x)
     tangents: dict[fx.Node, torch.Tensor] = {}
     records: list[Record] = []
-    graph_nodes = iter(captured.module.graph.nodes)
-    placeholder = next(graph_nodes)
-    env[placeholder] = x
-    for node in graph_nodes:
-        if node.op == "get_attr":  # parameters and closed-over tensors: constants
-            value: object = captured.module
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            env[node] = value
     if seed.matrix is None:
         eye = torch.eye(seed.d, dtype=x.dtype, device=x.device)
         per_sample = x.shape if x.numel() == seed.d else x.shape[1:]  # single or batched
