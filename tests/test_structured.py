@@ -67,6 +67,31 @@ def _check(f, x: torch.Tensor, quantities=QUANTITIES) -> None:
             got = getattr(hesse, quantity)(f, x, batched=True, strategy="structured", flat=True)
         want = _reference(f, x, quantity)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=quantity)
+    _check_modes(f, x)
+
+
+ENGINE_MODES = (  # (mode, what is asked) for every way the engine computes second order
+    ("gram", "hessian"),
+    ("gram", "diag"),
+    ("gram", "laplacian"),
+    ("sweep", "hessian"),
+    ("taylor", "hessian"),
+    ("taylor", "diag"),
+    ("taylor", "laplacian"),
+)
+
+
+def _check_modes(f, x: torch.Tensor) -> None:
+    """Every engine mode on its own (``auto`` picks one per call) against the reference."""
+    h = _reference(f, x, "hessian")
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    refs = {"hessian": h, "diag": diag, "laplacian": diag.sum(-1)}
+    flat = x.reshape(x.shape[0], -1)
+    for mode, key in ENGINE_MODES:
+        out = structured_pass(
+            capture(f), flat, lambda t: t.reshape(x.shape), x.shape[0], None, frozenset({key}), mode
+        )
+        torch.testing.assert_close(out[key], refs[key], rtol=1e-10, atol=1e-12, msg=f"{mode} {key}")
 
 
 EXTRA_ARGS = {"threshold": (1.6, 0.0), "hardtanh": (-0.5, 0.5)}
@@ -282,9 +307,9 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["gram", "sweep"])
+@pytest.mark.parametrize("mode", ["gram", "sweep", "taylor"])
 @pytest.mark.parametrize("case", list(MODELS) + list(CONVS))
-def test_both_engine_modes(case: str, mode: str) -> None:
+def test_every_engine_mode(case: str, mode: str) -> None:
     factory, shape = {**MODELS, **CONVS}[case]
     torch.manual_seed(7)
     model = factory().to(DT)
@@ -385,3 +410,58 @@ def test_planner_choices_on_fixed_shapes(case: str, expected: str) -> None:
         )
         x, kw = torch.randn(1, 1, 28, 28), {"batched": True, "output": 3}
     assert hesse.plan(model, x, **kw).strategy == expected
+
+
+def test_taylor_mode_runs_without_fallback_on_closed_forms() -> None:
+    """Elementwise ops and products of two branches have exact Taylor rules of their own."""
+    from hesse.structured.compute import _taylor
+    from hesse.structured.engine import Seed
+
+    torch.manual_seed(8)
+    lin = nn.Linear(3, 5).to(DT)
+    f = lambda z: torch.tanh(lin(z)) * torch.sigmoid(lin(z)) + lin(z).exp()  # noqa: E731
+    x = torch.randn(4, 3, dtype=DT)
+    captured = capture(f)
+    start = next(iter(captured.module.graph.nodes))
+    h = _reference(f, x, "hessian")
+    for key in ("hessian", "diag", "laplacian"):
+        out = _taylor(captured, x, Seed(start, 3, None), 4, None, frozenset({key}))
+        ref = {"hessian": h, "diag": h.diagonal(dim1=-2, dim2=-1)}.get(key)
+        ref = h.diagonal(dim1=-2, dim2=-1).sum(-1) if ref is None else ref
+        torch.testing.assert_close(out[key], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_taylor_mode_declines_ops_without_closed_form() -> None:
+    from hesse.structured.compute import _taylor
+    from hesse.structured.engine import Seed
+    from hesse.structured.rules.base import NoTaylorRule
+
+    norm = nn.LayerNorm(4).to(DT)  # torch's forward-over-forward of layer_norm is wrong
+    captured = capture(lambda z: norm(torch.tanh(z)))
+    start = next(iter(captured.module.graph.nodes))
+    with pytest.raises(NoTaylorRule):
+        _taylor(captured, torch.randn(2, 4, dtype=DT), Seed(start, 4, None), 2, None, {"diag"})
+    x = torch.randn(2, 4, dtype=DT)
+    got = hesse.laplacian(lambda z: norm(torch.tanh(z)), x, batched=True, strategy="structured")
+    want = _reference(lambda z: norm(torch.tanh(z)), x, "laplacian")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("quantity", "outputs", "mode"),
+    [
+        ("laplacian", 3, "taylor"),  # no per-output backward pass
+        ("hessian", 3, "taylor"),  # d = 3: six coefficients beat three backward passes
+        ("hessian_diag", 1, "gram"),  # d = 8 coefficients cost more than one backward pass
+        ("hessian", 1, "gram"),
+    ],
+)
+def test_cost_model_picks_the_engine_mode(quantity: str, outputs: int, mode: str) -> None:
+    from hesse.structured import graph_cost
+
+    d = 3 if outputs == 3 else 8
+    model = nn.Sequential(
+        nn.Linear(d, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, outputs)
+    )
+    cost = graph_cost(capture(model), torch.randn(1, d), d)
+    assert cost.best(quantity, outputs)[0] == mode

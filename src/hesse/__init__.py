@@ -7,6 +7,8 @@ True
 """
 
 # dense quantities
+# tuning of strategy="auto"
+from ._tuning import set_autotune as set_autotune
 from .api import derivatives as derivatives
 from .api import hessian as hessian
 from .api import jacobian as jacobian
@@ -75,4 +77,5 @@ __all__ = [
     "laplacian",
     "plan",
     "register_strategy",
+    "set_autotune",
 ]

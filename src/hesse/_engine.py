@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from ._problem import Problem
 from ._quantities import QUANTITIES, Work
+from ._tuning import clock, request_key, tuner_for
 from .errors import FallbackWarning, StrategyError, StrategyMismatchError
 from .io import TensorSink
-from .planner import Plan, candidate_order, make_plan, measure
+from .planner import Plan, candidate_order, estimate, make_plan, measure
 from .strategies import Strategy, get_strategy
 
 # Error messages that mean "this strategy cannot run this model": capability -> patterns.
@@ -160,6 +161,14 @@ def execute(
     """
     measure(problem)
     candidates, estimates = candidate_order(problem, quantity, strategy, create_graph)
+    tuner = None
+    if strategy == "auto":
+        costs = {n: estimate(problem, quantity, get_strategy(n)) for n in candidates}
+        key = request_key(problem, quantity, chunk_size, max_memory, create_graph)
+        tuner = tuner_for(problem, key, candidates, costs)
+    if tuner is not None:
+        candidates = tuner.order(candidates)
+        estimates = (*estimates, ("tuning", tuner.summary()))
     lacking: set[str] = set()
     failures: list[str] = []
     for name in candidates:
@@ -173,11 +182,16 @@ def execute(
             if st.uses_forward_ad and not problem.cache.get("modes_agree"):
                 _probe_modes_agree(problem)
                 problem.cache["modes_agree"] = True
+            start = clock(problem.x.device)
             out = run_plan(problem, plan, v, create_graph, progress)
+            if tuner is not None:
+                tuner.record(name, clock(problem.x.device) - start)
         except StrategyMismatchError:
             if strategy != "auto":
                 raise
             lacking.add("forward_ad")
+            if tuner is not None:
+                tuner.drop(name)
             failures.append(f"'{name}' (forward and reverse mode disagree: torch.no_grad in f?)")
             continue
         except Exception as exc:
@@ -188,6 +202,8 @@ def execute(
             if strategy != "auto":
                 raise StrategyError(_cannot_run(problem.api, name, capability, op)) from exc
             lacking.add(capability)
+            if tuner is not None:
+                tuner.drop(name)
             failures.append(f"'{name}' ({op})")
             continue
         if failures:

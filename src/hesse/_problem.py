@@ -78,6 +78,11 @@ class Problem:
         return self.x.shape[0]
 
     @property
+    def cache_persistent(self) -> bool:
+        """Whether :attr:`cache` outlives the call (modules; see NOTE: [analysis cache])."""
+        return isinstance(self.model, nn.Module)
+
+    @property
     def saved_bytes(self) -> int:
         """Bytes of activations autograd saves in one forward of one sample (measured)."""
         return self.cache["profile"][0]

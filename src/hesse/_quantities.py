@@ -135,6 +135,13 @@ def _diag_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]
     return {"diag": (p.m * p.n, ())}
 
 
+def _laplacian_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Whole-result strategies give one Laplacian per output; the others, the diagonal."""
+    if callable(getattr(st, "compute", None)):
+        return {"laplacian": (p.m, ())}
+    return _diag_out(p, st)
+
+
 def _hvp_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]]:
     return {"hvp": (p.m, (p.n,))}
 
@@ -151,7 +158,7 @@ QUANTITIES: dict[str, Quantity] = {
         ),
         Quantity("hessian", True, _pair_items, _hessian_out, _hessian_kernel),
         Quantity("hessian_diag", True, _pair_items, _diag_out, _diag_kernel),
-        Quantity("laplacian", True, _pair_items, _diag_out, _diag_kernel),
+        Quantity("laplacian", True, _pair_items, _laplacian_out, _diag_kernel),
         Quantity("hvp", True, lambda p, st: p.m, _hvp_out, _hvp_kernel),
         Quantity(
             "derivatives",

@@ -28,6 +28,7 @@ from ._engine import execute
 from ._problem import Selection, build_problem
 from ._quantities import QUANTITIES, forward_jacobian
 from ._results import check_options, finish, warn_zero
+from ._tuning import request_key, tuner_for
 from .errors import StrategyError, UnsupportedInputError
 from .planner import Plan, candidate_order, make_plan, measure
 from .strategies import get_strategy
@@ -257,6 +258,11 @@ def plan(
     candidates, estimates = candidate_order(problem, quantity, strategy)
     if not candidates:
         raise StrategyError(f"{api}: no strategy can compute this: {dict(estimates)}.")
+    key = request_key(problem, quantity, chunk_size, max_memory, False)
+    tuner = tuner_for(problem, key, candidates) if strategy == "auto" else None
+    if tuner is not None:  # earlier calls timed the close candidates
+        candidates = tuner.order(candidates)
+        estimates = (*estimates, ("tuning", tuner.summary()))
     return make_plan(
         problem, quantity, candidates[0], candidates, chunk_size, max_memory, estimates
     )

@@ -165,6 +165,9 @@ def laplacian(
         create_graph=create_graph,
         progress=progress,
     )
-    diag = arrays["diag"]
-    warn_zero(problem, diag, second_order=True)
-    return finish(problem, diag.reshape(problem.batch, problem.m, problem.n).sum(-1), 0, flat)
+    if "laplacian" in arrays:  # whole-result strategies: (B, m)
+        lap = arrays["laplacian"].reshape(problem.batch, problem.m)
+    else:
+        lap = arrays["diag"].reshape(problem.batch, problem.m, problem.n).sum(-1)
+    warn_zero(problem, lap, second_order=True)
+    return finish(problem, lap, 0, flat)

@@ -18,7 +18,7 @@ WANTS: dict[str, frozenset[str]] = {
     "jacobian": frozenset({"jacobian"}),
     "hessian": frozenset({"hessian"}),
     "hessian_diag": frozenset({"diag"}),
-    "laplacian": frozenset({"diag"}),
+    "laplacian": frozenset({"laplacian"}),
     "derivatives": frozenset({"hessian", "gradient"}),
     "hvp": frozenset({"hessian"}),  # forms H per sample, then H v: for small inputs
 }
@@ -83,13 +83,14 @@ class Structured:
         )
         if quantity == "hvp" and v is not None:
             return {"hvp": torch.einsum("bmij,bj->bmi", out["hessian"], v)}
-        arrays = {
-            "jacobian": out.get("jacobian"),
-            "gradient": out.get("gradient"),
-            "hessian": None if "hessian" not in out else out["hessian"].reshape(s, -1, x.shape[1]),
-            "diag": None if "diag" not in out else out["diag"].reshape(s, -1),
+        layouts = {
+            "jacobian": lambda a: a,
+            "gradient": lambda a: a,
+            "hessian": lambda a: a.reshape(s, -1, x.shape[1]),
+            "diag": lambda a: a.reshape(s, -1),
+            "laplacian": lambda a: a,
         }
-        return {k: v for k, v in arrays.items() if v is not None}
+        return {k: layouts[k](out[k]) for k in WANTS[quantity]}
 
 
 register_strategy(Structured())

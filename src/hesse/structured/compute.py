@@ -9,6 +9,7 @@ from torch.func import vmap
 
 from .capture import Captured
 from .engine import Record, Seed, find_seed, forward
+from .rules.base import NoTaylorRule
 
 
 def _terms(records: list[Record], grads: tuple, batch: int, diag: bool, d: int, like):
@@ -73,42 +74,88 @@ def structured_pass(
         to_model: Reshapes ``(s, n)`` to the model's input layout.
         batch: ``s`` when batched, 1 for a single sample.
         index: Flat indices of the selected outputs (``None``: all).
-        want: Any of ``"jacobian"``, ``"gradient"``, ``"hessian"``, ``"diag"``.
-        mode: ``"gram"`` (sum of per-layer terms) or ``"sweep"`` (rule-based
-            forward-over-reverse; Hessians only).
+        want: Any of ``"jacobian"``, ``"gradient"``, ``"hessian"``, ``"diag"``,
+            ``"laplacian"``.
+        mode: ``"gram"`` (sum of per-layer terms), ``"sweep"`` (rule-based
+            forward-over-reverse; Hessians only) or ``"taylor"`` (second-order
+            coefficients pushed forward; no bottleneck).
 
     Returns:
         ``jacobian`` and ``gradient`` ``(s, m, n)``, ``hessian`` ``(s, m, n, n)``,
-        ``diag`` ``(s, m, n)``, as requested.
+        ``diag`` ``(s, m, n)``, ``laplacian`` ``(s, m)``, as requested.
     """
     n = x.shape[1]
     seed = find_seed(captured, n)
+    if mode == "taylor":
+        start = next(iter(captured.module.graph.nodes))  # from the input: no bottleneck
+        try:
+            return _taylor(captured, to_model(x.detach()), Seed(start, n, None), batch, index, want)
+        except NoTaylorRule:
+            mode = "gram"  # an op without a closed form (the cost model avoids this)
     with torch.enable_grad():
         xin = to_model(x.detach()).requires_grad_(True)
         sweep = mode == "sweep"
-        out, t_out, records, start = forward(captured, xin, seed, keep_linear=sweep)
-        y = out.reshape(batch, -1)
-        j_out = t_out.reshape(seed.d, batch, -1)
+        res = forward(captured, xin, seed, keep_linear=sweep, jacobian="jacobian" in want)
+        y = res.value.reshape(batch, -1)
+        j_out = res.tangent.reshape(seed.d, batch, -1)
         if index is not None:
             y, j_out = y.index_select(1, index), j_out.index_select(2, index)
         result: dict[str, torch.Tensor] = {}
         if "jacobian" in want:
             jac = j_out.permute(1, 2, 0)  # (B, m, d)
             result["jacobian"] = jac if seed.matrix is None else jac @ seed.matrix
-        second = want & {"hessian", "diag"}
+        second = want & {"hessian", "diag", "laplacian"}
         if second or "gradient" in want:
             result.update(
                 _second_order(
-                    records,
+                    res.records,
                     xin,
                     y,
                     seed,
                     batch,
                     second,
                     "gradient" in want,
-                    start if sweep else None,
+                    res.start if sweep else None,
                 )
             )
+    return result
+
+
+def _taylor(captured: Captured, x: torch.Tensor, seed: Seed, batch: int, index, want):
+    """Taylor mode (see NOTE: [Taylor mode] in :mod:`.rules.base`): one forward pass."""
+    d = seed.d
+    kind = "hessian" if "hessian" in want else "diag" if "diag" in want else "laplacian"
+    if kind == "laplacian":
+        pairs = None
+    elif kind == "diag":
+        pairs = (torch.arange(d, device=x.device),) * 2
+    else:
+        iu = torch.triu_indices(d, d, device=x.device)
+        pairs = (iu[0], iu[1])
+    with torch.no_grad():
+        res = forward(captured, x, seed, jacobian=True, taylor=(pairs,))
+    j_out = res.tangent.reshape(d, batch, -1)
+    s_out = res.second.reshape(-1, batch, j_out.shape[-1])  # type: ignore[union-attr]
+    if index is not None:
+        j_out, s_out = j_out.index_select(2, index), s_out.index_select(2, index)
+    result: dict[str, torch.Tensor] = {}
+    if want & {"jacobian", "gradient"}:
+        jac = j_out.permute(1, 2, 0)  # (B, m, d)
+        result.update({key: jac for key in want & {"jacobian", "gradient"}})
+    coeffs = s_out.permute(1, 2, 0)  # (B, m, P)
+    if kind == "laplacian":
+        result["laplacian"] = coeffs[..., 0]
+    elif kind == "diag":
+        result["diag"] = coeffs
+        if "laplacian" in want:
+            result["laplacian"] = coeffs.sum(-1)
+    else:
+        h = coeffs.new_zeros(*coeffs.shape[:2], d, d)
+        h[..., pairs[0], pairs[1]] = coeffs  # type: ignore[index]
+        h[..., pairs[1], pairs[0]] = coeffs  # type: ignore[index]
+        result["hessian"] = h
+        result["diag"] = h.diagonal(dim1=-2, dim2=-1)
+        result["laplacian"] = result["diag"].sum(-1)
     return result
 
 
@@ -153,6 +200,8 @@ def _second_order(records, xin, y, seed: Seed, batch, second: set, gradient: boo
         result["gradient"] = grads[-1].reshape(y.shape[1], batch, -1).detach().movedim(0, 1)
     if not second:
         return result
+    want_lap = "laplacian" in second
+    second = (second - {"laplacian"}) | ({"diag"} if want_lap else set())
     diag_only = second == {"diag"} and seed.matrix is None
 
     def one_output(*gs: torch.Tensor) -> torch.Tensor:
@@ -178,4 +227,6 @@ def _second_order(records, xin, y, seed: Seed, batch, second: set, gradient: boo
             else:
                 diag = h.diagonal(dim1=-2, dim2=-1)
             result["diag"] = diag.movedim(0, 1)
+            if want_lap:
+                result["laplacian"] = result["diag"].sum(-1)
     return result

@@ -22,6 +22,7 @@ from .capture import Captured, start_env
 from .engine import find_seed
 from .rules.base import Rule
 from .rules.elementwise import ElementwiseRule
+from .rules.products import BilinearRule
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class GraphCost:
         n: Inputs.
         bottleneck: Whether tangents start at a narrowing Linear layer.
         nodes: Number of captured nodes (per-node overhead).
+        taylor: Whether every curved node has a closed Taylor-mode rule.
     """
 
     forward_macs: float
@@ -45,14 +47,23 @@ class GraphCost:
     n: int
     bottleneck: bool
     nodes: int
+    taylor: bool = True
 
     def macs(self, quantity: str, m: int, mode: str = "gram") -> float:
         """Estimated multiply-adds per sample for ``quantity`` with ``m`` outputs.
 
-        ``mode`` is ``"gram"`` (per-layer terms, ``I d^2`` each) or ``"sweep"`` (the
-        rule-based reverse sweep: another ``d`` passes through the transposed layers).
+        ``mode`` is ``"gram"`` (per-layer terms, ``I d^2`` each), ``"sweep"`` (the
+        rule-based reverse sweep: another ``d`` passes through the transposed layers) or
+        ``"taylor"`` (``P`` second-order coefficients pushed forward with the tangents:
+        ``P = 1`` for Laplacians, ``d`` for diagonals, ``d (d + 1) / 2`` for Hessians;
+        no per-output cost, from the input only).
         """
         d, f = self.d, self.forward_macs
+        if mode == "taylor":
+            if not self.taylor:
+                return float("inf")
+            p = {"laplacian": 1, "hessian_diag": self.n}.get(quantity, self.n * (self.n + 1) // 2)
+            return (self.n + p) * f + p * (sum(self.term_sizes) + 10 * sum(self.generic_sizes))
         diag = quantity in ("hessian_diag", "laplacian") and not self.bottleneck
         total = d * f
         if quantity == "jacobian":
@@ -76,8 +87,11 @@ class GraphCost:
         return 1.5e6 * self.nodes + m * per_output
 
     def best(self, quantity: str, m: int) -> tuple[str, float]:
-        """The cheaper mode for ``quantity`` (the sweep only computes whole Hessians)."""
-        modes = ("gram", "sweep") if quantity in ("hessian", "derivatives", "hvp") else ("gram",)
+        """The cheapest mode for ``quantity`` (the sweep only computes whole Hessians)."""
+        whole = quantity in ("hessian", "derivatives", "hvp")
+        modes = ("gram", "sweep") if whole else ("gram",)
+        if quantity != "jacobian":
+            modes += ("taylor",)
         costs = {mode: self.macs(quantity, m, mode) for mode in modes}
         mode = min(costs, key=costs.__getitem__)
         return mode, costs[mode]
@@ -95,6 +109,7 @@ def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
     placeholder, env = start_env(captured, x)
     varying = {seed.node} if seed.matrix is not None else {placeholder}
     terms, generic = [], []
+    taylor = True
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         for step in captured.steps:
@@ -111,8 +126,12 @@ def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
             if isinstance(step.rule, ElementwiseRule):
                 if step.rule.curvature_on:
                     terms.append(size)
+                taylor &= len(inputs) == 1 and env[inputs[0]].shape == out.shape  # type: ignore[union-attr]
             elif type(step.rule) is Rule:
                 generic.append(size)
+                taylor = False
+            elif isinstance(step.rule, BilinearRule) and len(inputs) > 1:
+                taylor &= len(inputs) == 2 and step.rule.linear_positions is None
     return GraphCost(
         forward_macs=counter.get_total_flops() / 2,
         term_sizes=tuple(terms),
@@ -121,4 +140,5 @@ def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
         n=n,
         bottleneck=seed.matrix is not None,
         nodes=len(captured.steps),
+        taylor=taylor,
     )

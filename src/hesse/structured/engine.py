@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .capture import Captured, CaptureError, Step, start_env
 from .rules import Site
 from .rules.affine import LinearRule
+from .rules.base import Pairs
 
 RESHAPES = {"flatten", "view", "reshape", "contiguous", "identity"}
 
@@ -107,59 +108,155 @@ def _site(step: Step, values: list, spec, varying: list[int], tangents: list, ou
     return Site(fn, inputs, tuple(tangents), output, step.call, extra, tuple(varying))
 
 
+def _identity_tangent(d: int, like: torch.Tensor) -> torch.Tensor:
+    """``d/d like`` for a value whose per-sample entries are the ``d`` directions.
+
+    Batched values get batch-major tangents (see NOTE: [batch-major tangents] in
+    :mod:`.rules.base`).
+    """
+    eye = torch.eye(d, dtype=like.dtype, device=like.device)
+    per_sample = like.shape if like.numel() == d else like.shape[1:]
+    eye = eye.reshape(d, *per_sample)
+    if like.numel() == d:
+        return eye
+    return eye.expand(like.shape[0], *eye.shape).contiguous().transpose(0, 1)
+
+
+def _needed(captured: Captured, keep_linear: bool, jacobian: bool) -> set[fx.Node]:
+    """Nodes whose tangents some rule reads: inputs of curved nodes and their ancestors.
+
+    The tangent of the output is only needed for Jacobians; the reverse sweep needs all.
+    """
+    out_node = next(n for n in reversed(captured.module.graph.nodes) if n.op == "output").args[0]
+    needed: set[fx.Node] = {out_node} if jacobian and isinstance(out_node, fx.Node) else set()
+    for step in reversed(captured.steps):
+        if keep_linear or not step.rule.linear or step.node in needed:
+            needed.update(step.node.all_input_nodes)
+            needed.add(step.node)
+    return needed
+
+
+def _last_uses(captured: Captured) -> dict[fx.Node, list[fx.Node]]:
+    """For every step's node, the nodes whose tangents are not read after it."""
+    last: dict[fx.Node, fx.Node] = {}
+    for step in captured.steps:
+        for node in step.node.all_input_nodes:
+            last[node] = step.node
+    free: dict[fx.Node, list[fx.Node]] = {}
+    for node, at in last.items():
+        free.setdefault(at, []).append(node)
+    return free
+
+
+@dataclass
+class Pass:
+    """What one forward pass gives.
+
+    Attributes:
+        value: The model's output.
+        tangent: Its tangent ``(d, *value.shape)`` (zeros unless requested).
+        second: Its second-order coefficients ``(P, *value.shape)`` in Taylor mode.
+        records: The nonlinear (or all varying) nodes in evaluation order (not in Taylor
+            mode, which needs no backward sweep).
+        start: The node where tangents start.
+    """
+
+    value: torch.Tensor
+    tangent: torch.Tensor
+    second: torch.Tensor | None
+    records: list[Record]
+    start: fx.Node
+
+
 def forward(
-    captured: Captured, x: torch.Tensor, seed: Seed, keep_linear: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, list[Record], fx.Node]:
-    """Evaluates the graph on ``x`` with autograd and pushes tangents through every node.
+    captured: Captured,
+    x: torch.Tensor,
+    seed: Seed,
+    keep_linear: bool = False,
+    jacobian: bool = True,
+    taylor: tuple[Pairs] | None = None,
+) -> Pass:
+    """Evaluates the graph on ``x`` and pushes tangents through every node.
+
+    Only the tangents some rule reads are computed, and each is dropped after its last
+    reader (the records keep those of the curved nodes' inputs).
 
     Args:
         captured: The captured model.
-        x: Input in the model's own layout, requiring grad.
+        x: Input in the model's own layout (requiring grad for the backward sweeps).
         seed: Where tangents start.
         keep_linear: Record linear nodes too (the reverse sweep needs every node).
-
-    Returns:
-        The output value, its tangent, the records of the nonlinear (or all varying)
-        nodes in evaluation order, and the node where tangents start.
+        jacobian: Whether the caller reads the output's tangent (zeros are returned
+            otherwise).
+        taylor: ``(pairs,)`` to push second-order coefficients forward too (see NOTE:
+            [Taylor mode] in :mod:`.rules.base`); only from the input (no bottleneck).
     """
     placeholder, env = start_env(captured, x)
+    out_node = next(n for n in reversed(captured.module.graph.nodes) if n.op == "output").args[0]
     tangents: dict[fx.Node, torch.Tensor] = {}
     records: list[Record] = []
+    needed = _needed(captured, keep_linear, jacobian)
+    free = _last_uses(captured)
+    identity: set[fx.Node] = set()
+    coeffs: dict[fx.Node, torch.Tensor | None] = {}
     if seed.matrix is None:
-        eye = torch.eye(seed.d, dtype=x.dtype, device=x.device)
-        per_sample = x.shape if x.numel() == seed.d else x.shape[1:]  # single or batched
-        eye = eye.reshape(seed.d, *([1] * (x.dim() - len(per_sample))), *per_sample)
-        tangents[placeholder] = eye.expand(seed.d, *x.shape).contiguous()
+        tangents[placeholder] = _identity_tangent(seed.d, x)
+        identity.add(placeholder)
     for step in captured.steps:
         values, spec, varying, inputs_t, input_nodes = _inputs(step, env, tangents)
         args, kwargs = tree_unflatten(values, spec)
         out = step.call(*args, **kwargs)
         env[step.node] = out
         if step.node is seed.node and seed.matrix is not None:
-            eye = torch.eye(seed.d, dtype=x.dtype, device=x.device)
-            tangents[step.node] = (
-                eye.reshape(seed.d, *([1] * (out.dim() - 1)), seed.d)
-                .expand(seed.d, *out.shape)
-                .contiguous()
-            )
+            tangents[step.node] = _identity_tangent(seed.d, out)
             continue
-        if not varying:
+        if not varying or step.node not in needed:
             continue
         _check_tensor_output(step, out)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             continue  # shapes and integer results (argmax, indices) carry no derivative
         site = _site(step, values, spec, varying, inputs_t, out)
+        site.identity = len(input_nodes) == 1 and input_nodes[0] in identity
         if isinstance(step.rule, LinearRule):
             site.state = step.rule.weight(tuple(values))
         with torch.no_grad():
-            tangents[step.node] = step.rule.tangent(site)
-        if keep_linear or not step.rule.linear:
+            tangents[step.node] = _push(step, site)
+            if taylor is not None:
+                given = tuple(coeffs.get(node) for node in input_nodes)
+                coeffs[step.node] = step.rule.second(site, given, taylor[0])
+        if (
+            site.identity
+            and step.rule.name in RESHAPES
+            and out.shape[-1:] == (seed.d,)
+            and out.dim() <= 2
+        ):
+            identity.add(step.node)
+        if taylor is None and (keep_linear or not step.rule.linear):
             records.append(Record(step, site, input_nodes))
-    output = next(n for n in captured.module.graph.nodes if n.op == "output")
-    out_node = output.args[0]
+        for node in free.get(step.node, ()):
+            if node is not out_node:
+                tangents.pop(node, None)
+                coeffs.pop(node, None)
     if not isinstance(out_node, fx.Node) or not isinstance(env.get(out_node), torch.Tensor):
         raise CaptureError("the captured model does not return one tensor")
-    if out_node not in tangents:
-        tangents[out_node] = torch.zeros(seed.d, *env[out_node].shape, dtype=x.dtype)
+    value = env[out_node]
+    tangent = tangents.get(out_node)
+    if tangent is None:
+        tangent = value.new_zeros(seed.d, *value.shape)
+    second = coeffs.get(out_node)
+    if taylor is not None and second is None:
+        pairs = taylor[0]
+        second = value.new_zeros(1 if pairs is None else len(pairs[0]), *value.shape)
     start = seed.node if seed.matrix is not None else placeholder
-    return env[out_node], tangents[out_node], records, start  # type: ignore[return-value]
+    return Pass(value, tangent, second, records, start)
+
+
+def _push(step: Step, site: Site) -> torch.Tensor:
+    """The rule's tangent; retried on contiguous tangents if a view op rejects their strides."""
+    try:
+        return step.rule.tangent(site)
+    except RuntimeError:
+        if all(t.is_contiguous() for t in site.tangents):
+            raise
+        site.tangents = tuple(t.contiguous() for t in site.tangents)
+        return step.rule.tangent(site)

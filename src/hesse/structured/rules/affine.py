@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Rule, Site
+from .base import Rule, Site, batch_major
 
 
 class LinearRule(Rule):
@@ -23,10 +23,19 @@ class LinearRule(Rule):
         self.module = module
 
     def tangent(self, site: Site) -> torch.Tensor:
-        """``F.linear(J, W)`` over all directions at once."""
+        """``F.linear(J, W)`` over all directions at once (``W^T`` itself for ``J = I``)."""
         if len(site.tangents) != 1 or site.state is None:
             return super().tangent(site)
-        return F.linear(site.tangents[0], site.state)
+        (t,), w = site.tangents, site.state
+        a = site.inputs[0]
+        if site.identity and a.dim() <= 2 and a.shape[-1] == t.shape[0]:
+            if a.dim() == 1:
+                return w.t().contiguous()
+            return w.t().expand(a.shape[0], *w.t().shape).contiguous().transpose(0, 1)
+        behind = batch_major(t)
+        if behind is not None:
+            return F.linear(behind, w).transpose(0, 1)
+        return F.linear(t, w)
 
     def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``gdot W`` for every direction."""
@@ -54,7 +63,14 @@ class ConvRule(Rule):
         """The convolution without bias applied to all ``d`` directions as one batch."""
         (t,) = site.tangents
         spatial = len(self.module.kernel_size)
-        per_image = site.inputs[0].shape[-(spatial + 1) :]
+        a = site.inputs[0]
+        per_image = a.shape[-(spatial + 1) :]
+        behind = batch_major(t) if a.dim() == spatial + 2 else None
+        if behind is not None:  # (B, d, C, ...) contiguous: convolve B * d images
+            out = self.module._conv_forward(
+                behind.reshape(-1, *per_image), self.module.weight, None
+            )
+            return out.reshape(a.shape[0], t.shape[0], *site.output.shape[1:]).transpose(0, 1)
         out = self.module._conv_forward(t.reshape(-1, *per_image), self.module.weight, None)
         return out.reshape(t.shape[0], *site.output.shape)
 

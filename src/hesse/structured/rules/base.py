@@ -20,7 +20,7 @@ carry tangents). The functions here work for *any* differentiable op through
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ class Site:
         extra_args: How many arguments besides the varying inputs the call received.
         positions: Where the varying inputs sit among the call's arguments.
         state: Whatever the rule kept from :meth:`Rule.tangent` for :meth:`Rule.term`.
+        identity: Whether the only tangent is the identity seed (``d`` = the last axis).
     """
 
     fn: Callable[..., torch.Tensor]
@@ -50,6 +51,7 @@ class Site:
     extra_args: int = 0
     positions: tuple[int, ...] = ()
     state: Any = None
+    identity: bool = False
 
 
 def push_jvp(site: Site) -> torch.Tensor:
@@ -64,6 +66,23 @@ def hvp_directions(site: Site, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return vjp(site.fn, *a)[1](g)
 
     return vmap(lambda *ts: jvp(grad, site.inputs, ts)[1])(*site.tangents)
+
+
+# NOTE: [batch-major tangents] The tangent of a batched value ``a`` ``(B, ...)`` is indexed
+# ``(d, B, ...)`` (direction first: ``vmap`` and the generic rules see one value per
+# direction) but stored batch-major, as the transposed view of a contiguous
+# ``(B, d, ...)`` tensor. Elementwise ops keep that layout, Linear and Conv rules run on the
+# contiguous ``(B * d, ...)`` tensor behind it, and :func:`per_sample` is then a free view,
+# so the per-sample Gram products are contiguous batched GEMMs.
+
+
+def batch_major(t: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous ``(B, d, ...)`` tensor behind a batch-major tangent, or None."""
+    if t.dim() >= 3:
+        behind = t.transpose(0, 1)
+        if behind.is_contiguous():
+            return behind
+    return None
 
 
 def per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -81,6 +100,23 @@ def pair_term(
         part = (lt * rt).sum(-1) if diag else torch.bmm(lt, rt.transpose(1, 2))
         total = part if total is None else total + part
     return total  # type: ignore[return-value]
+
+
+# NOTE: [Taylor mode] Instead of pulling adjoints back per output, every value can carry
+# its second-order Taylor coefficients forward next to its tangents: for the direction
+# pairs ``(i, j)`` asked for, ``S_y[p] = phi'(a) S_a[p] + d^2 phi(a)[J_i, J_j]`` (the first
+# part is the tangent map applied to ``S``, the second is zero for linear ops). Pairs are
+# ``(i, i)`` for diagonals, ``i <= j`` for Hessians, or the collapsed sum over ``i == j``
+# for Laplacians (one coefficient). Only linear ops, elementwise ops and products of two
+# branches have exact closed forms here; other curved ops send the call to the Gram form.
+# There is no backward pass, so the cost does not grow
+# with the number of outputs: the mode for small ``d`` and many outputs.
+
+Pairs = tuple[torch.Tensor, torch.Tensor] | None  # (i, j) indices; None: sum over i == j
+
+
+class NoTaylorRule(Exception):
+    """The op has no exact Taylor-mode rule (internal; the engine uses the Gram form)."""
 
 
 class Rule:
@@ -109,6 +145,32 @@ class Rule:
     #     gdot_a = phi'(a)^T gdot_y  +  d^2(g . phi)/da^2 J_a
     # (the transpose of the op, plus its curvature applied to the input's tangent); at the
     # input it is the Hessian. Cost ~2 d forward passes, no d^2 terms.
+
+    def push(self, site: Site, coeffs: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        """The tangent map applied to other coefficients ``(P, *a.shape)`` (None: zeros)."""
+        given = [c for c in coeffs if c is not None]
+        if not given:
+            return None
+        p = given[0].shape[0]
+        filled = tuple(
+            c if c is not None else a.new_zeros(p, *a.shape)
+            for c, a in zip(coeffs, site.inputs, strict=True)
+        )
+        return self.tangent(replace(site, tangents=filled, identity=False))
+
+    def second(
+        self, site: Site, coeffs: Sequence[torch.Tensor | None], pairs: Pairs
+    ) -> torch.Tensor | None:
+        """Second-order coefficients of the output (see NOTE: [Taylor mode]).
+
+        Raises:
+            NoTaylorRule: A curved op without a closed form. (Forward-over-forward AD is
+                not used: it is silently wrong for some ops, e.g. ``layer_norm`` in
+                torch 2.13.)
+        """
+        if not self.linear:
+            raise NoTaylorRule(self.name)
+        return self.push(site, coeffs)
 
     def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``phi'(a)^T gdot`` for every direction: one ``(d, *a.shape)`` per input."""

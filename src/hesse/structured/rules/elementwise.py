@@ -12,10 +12,12 @@ ops (ReLU, LeakyReLU, Hardtanh, ...) have ``phi'' = 0`` and skip the term.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.func import vjp
 
-from .base import Rule, Site, per_sample
+from .base import Pairs, Rule, Site, per_sample
 
 
 def _tanh(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +105,23 @@ class ElementwiseRule(Rule):
         if diag:
             return (jt * jt * w).sum(-1)
         return torch.bmm(jt * w, jt.transpose(1, 2))
+
+    def second(
+        self, site: Site, coeffs: Sequence[torch.Tensor | None], pairs: Pairs
+    ) -> torch.Tensor | None:
+        """``phi'(a) S + phi''(a) J_i J_j`` (see NOTE: [Taylor mode])."""
+        if site.state is None:
+            return super().second(site, coeffs, pairs)
+        (coeff,), (t,) = coeffs, site.tangents
+        d1, d2 = site.state
+        if not self.curvature_on:
+            return None if coeff is None else d1 * coeff
+        if pairs is None:
+            curv = d2 * (t * t).sum(0, keepdim=True)
+        else:
+            i, j = pairs
+            curv = d2 * (t[i] * t[j])
+        return curv if coeff is None else torch.addcmul(curv, d1, coeff)
 
     def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``phi'(a) * gdot``."""

@@ -7,9 +7,12 @@ couples the branches' tangents.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
-from .base import Rule, Site
+import torch
+from torch.func import vmap
+
+from .base import NoTaylorRule, Pairs, Rule, Site
 
 
 class BilinearRule(Rule):
@@ -30,3 +33,24 @@ class BilinearRule(Rule):
     def curvature(self, site: Site, g: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """None when one argument varies (and it is one the op is linear in)."""
         return None if self._linear_here(site) else super().curvature(site, g)
+
+    def second(
+        self, site: Site, coeffs: Sequence[torch.Tensor | None], pairs: Pairs
+    ) -> torch.Tensor | None:
+        """``B(S_a, b) + B(a, S_b) + B(J_a,i, J_b,j) + B(J_a,j, J_b,i)`` for ``y = B(a, b)``.
+
+        See NOTE: [Taylor mode]; only the tangent map when one argument varies.
+        """
+        if self._linear_here(site):
+            return self.push(site, coeffs)
+        if len(site.tangents) != 2 or self.linear_positions is not None:
+            raise NoTaylorRule(self.name)
+        ja, jb = site.tangents
+        both = vmap(site.fn)
+        if pairs is None:
+            cross = 2 * both(ja, jb).sum(0, keepdim=True)
+        else:
+            i, j = pairs
+            cross = both(ja[i], jb[j]) + both(ja[j], jb[i])
+        lin = self.push(site, coeffs)
+        return cross if lin is None else lin + cross

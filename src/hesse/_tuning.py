@@ -1,0 +1,129 @@
+"""Online tuning: the cost model's close calls settled by the clock.
+
+The cost model ranks strategies by multiply-adds, but which one is fastest also depends
+on the machine (GEMM rate against memory bandwidth, float32 against float64, CPU against
+GPU), so ``strategy="auto"`` times its close candidates on the caller's own work: the
+first calls of a repeated request (same module, input shape and dtype, batch size,
+quantity, number of outputs and options) rotate through the candidates whose estimates
+are within :data:`FACTOR` of the cheapest, :data:`TRIALS` calls each; later calls run the
+one with the shortest time. Every call still computes its full result with one strategy,
+so tuning wastes no work; results of different strategies agree to rounding.
+
+Only module calls are tuned (plain functions are re-analysed every call, see NOTE:
+[analysis cache]). ``hesse.set_autotune(False)`` turns it off: ``"auto"`` then always runs
+the cheapest estimate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ._problem import Problem
+
+FACTOR = 3.0  # candidates estimated within this factor of the cheapest are timed
+TRIALS = 2  # timed calls per candidate (the shortest counts)
+MAX_CANDIDATES = 3
+
+_ENABLED = True
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turns online tuning of ``strategy="auto"`` on (the default) or off.
+
+    Args:
+        enabled: Whether repeated calls time the close candidates and keep the fastest.
+    """
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+@dataclass
+class Tuner:
+    """Timings of the candidates of one repeated request.
+
+    Attributes:
+        names: The candidates being timed, cheapest estimate first.
+        times: Seconds of every timed call, per candidate.
+    """
+
+    names: list[str]
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def settled(self) -> bool:
+        """Whether every candidate has had its trials."""
+        return all(len(self.times.get(n, ())) >= TRIALS for n in self.names)
+
+    def best(self) -> str:
+        """The candidate with the shortest timed call so far."""
+        timed = [n for n in self.names if self.times.get(n)]
+        return min(timed, key=lambda n: min(self.times[n])) if timed else self.names[0]
+
+    def order(self, candidates: Sequence[str]) -> tuple[str, ...]:
+        """``candidates`` with the one to run now first (the rest keep their order)."""
+        if self.settled:
+            first = self.best()
+        else:
+            first = min(self.names, key=lambda n: len(self.times.get(n, ())))
+        return (first, *(c for c in candidates if c != first))
+
+    def record(self, name: str, seconds: float) -> None:
+        """Adds one timed call of ``name`` (until every candidate has had its trials)."""
+        if name in self.names and not self.settled:
+            self.times.setdefault(name, []).append(seconds)
+
+    def drop(self, name: str) -> None:
+        """Removes a candidate that failed on this model."""
+        if name in self.names and len(self.names) > 1:
+            self.names.remove(name)
+
+    def summary(self) -> str:
+        """One line for plans: the shortest time of every timed candidate."""
+        parts = [f"{n} {1e3 * min(self.times[n]):.3g} ms" for n in self.names if self.times.get(n)]
+        state = "settled on " + self.best() if self.settled else "timing"
+        return f"{state}: " + ", ".join(parts) if parts else "not timed yet"
+
+
+def request_key(
+    problem: Problem, quantity: str, chunk_size: int | None, max_memory: object, graph: bool
+) -> tuple:
+    """What identifies a repeated request besides the module and the input layout."""
+    return ("tune", problem.batch, problem.m, quantity, chunk_size, str(max_memory), graph)
+
+
+def tuner_for(
+    problem: Problem,
+    key: tuple,
+    ordered: Sequence[str],
+    costs: dict[str, float] | None = None,
+) -> Tuner | None:
+    """The tuner of this request, or None when there is nothing to tune.
+
+    Args:
+        problem: The canonical problem (its analysis cache holds the tuner).
+        key: From :func:`request_key`.
+        ordered: Candidates, cheapest estimate first.
+        costs: Their estimates; None only looks an existing tuner up.
+    """
+    if not _ENABLED or not problem.cache_persistent or len(ordered) < 2:
+        return None
+    full_key = key
+    tuner = problem.cache.get(full_key)
+    if tuner is None:
+        if costs is None:
+            return None
+        cheapest = costs[ordered[0]]
+        close = [n for n in ordered if costs[n] <= FACTOR * cheapest][:MAX_CANDIDATES]
+        tuner = problem.cache[full_key] = Tuner(close)
+    return tuner if len(tuner.names) > 1 else None
+
+
+def clock(device: torch.device) -> float:
+    """Wall time in seconds, after the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
