@@ -465,3 +465,48 @@ def test_cost_model_picks_the_engine_mode(quantity: str, outputs: int, mode: str
     )
     cost = graph_cost(capture(model), torch.randn(1, d), d)
     assert cost.best(quantity, outputs)[0] == mode
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's own imports
+def test_compiled_kernels_match_the_reference() -> None:
+    from hesse.structured import kernels
+
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Softplus(), nn.Linear(6, 2)
+    )
+    model = model.to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    hesse.set_compile(True)
+    kernels._COMPILED.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hesse.HesseWarning)  # compiling must not fail
+            _check_modes(model, x)
+        assert set(kernels._COMPILED) == set(kernels.KERNELS)  # every kernel was compiled
+    finally:
+        hesse.set_compile(False)
+        kernels._COMPILED.clear()
+
+
+def test_failed_compile_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hesse.structured import kernels
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    kernels._COMPILED.clear()
+    hesse.set_compile(True)
+    try:
+        t, d2 = torch.randn(3, 2, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
+        with pytest.warns(hesse.HesseWarning, match="no C\\+\\+ compiler found.*eagerly"):
+            got = kernels.run("taylor_first", d2, t)
+        torch.testing.assert_close(got, d2 * (t * t).sum(0, keepdim=True))
+        assert not kernels._COMPILE  # switched off: no second warning
+    finally:
+        hesse.set_compile(False)
+        kernels._COMPILED.clear()

@@ -17,6 +17,7 @@ from . import Method, Prepared, Unsupported, register
 
 try:
     import hesse
+    from hesse import _tuning as tuning
 except ImportError:  # pragma: no cover - hesse is the package under test
     hesse = None
 
@@ -32,7 +33,7 @@ def _call(quantity: str) -> Callable[..., torch.Tensor]:
     return lambda *args, **kwargs: fn(*args, **kwargs, **extra)
 
 
-def _hesse(strategy: str) -> Callable[[Instance], Prepared]:
+def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepared]:
     def prepare(inst: Instance) -> Prepared:
         fn = _call(inst.case.quantity)
         output = inst.case.output
@@ -40,11 +41,18 @@ def _hesse(strategy: str) -> Callable[[Instance], Prepared]:
         kwargs = {"output": output, "batched": inst.case.batched, "strategy": strategy}
 
         def run() -> torch.Tensor:
+            hesse.set_compile(compiled)
             try:
                 return fn(inst.model, inst.x, **kwargs)
             except hesse.StrategyError as err:
                 raise Unsupported(str(err)) from err
+            finally:
+                hesse.set_compile(False)
 
+        if strategy == "auto":  # auto times its close candidates on its first calls: the
+            # tuning calls are warm-up, like JAX's compilation (see hesse._tuning)
+            for _ in range(tuning.MAX_CANDIDATES * tuning.TRIALS):
+                run()
         return run
 
     return prepare
@@ -53,3 +61,11 @@ def _hesse(strategy: str) -> Callable[[Instance], Prepared]:
 if hesse is not None:
     for _name in (*hesse.available_strategies(), "auto"):
         register(Method(f"hesse[{_name}]", f'hesse, strategy="{_name}"', "hesse", _hesse(_name)))
+    register(
+        Method(
+            "hesse[auto,compile]",
+            'hesse, strategy="auto" with hesse.set_compile(True) (compiled in the warm-up)',
+            "hesse",
+            _hesse("auto", compiled=True),
+        )
+    )

@@ -46,6 +46,9 @@ from .strategies import Strategy as Strategy
 from .strategies import available_strategies as available_strategies
 from .strategies import register_strategy as register_strategy
 
+# optional torch.compile of the structured engine's fusable kernels
+from .structured.kernels import set_compile as set_compile
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -78,4 +81,5 @@ __all__ = [
     "plan",
     "register_strategy",
     "set_autotune",
+    "set_compile",
 ]

@@ -15,7 +15,7 @@ input Hessian is ``W^T H_z1 W``, at a fraction of the cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -232,6 +232,8 @@ def forward(
         ):
             identity.add(step.node)
         if taylor is None and (keep_linear or not step.rule.linear):
+            if step.rule.linear:  # the sweep transposes linear ops: their tangents can go
+                site = replace(site, tangents=())
             records.append(Record(step, site, input_nodes))
         for node in free.get(step.node, ()):
             if node is not out_node:

@@ -39,7 +39,7 @@ class LinearRule(Rule):
 
     def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``gdot W`` for every direction."""
-        if len(site.tangents) != 1 or site.state is None:
+        if len(site.positions) != 1 or site.state is None:
             return super().transpose(site, gdot)
         return (gdot @ site.state,)
 

@@ -77,8 +77,12 @@ def hvp_directions(site: Site, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def batch_major(t: torch.Tensor) -> torch.Tensor | None:
-    """The contiguous ``(B, d, ...)`` tensor behind a batch-major tangent, or None."""
-    if t.dim() >= 3:
+    """The contiguous ``(B, d, ...)`` tensor behind a batch-major tangent, or None.
+
+    None also for one direction (``d = 1``), where both layouts are the same memory but
+    the transposed view would send ``F.linear`` to a batched GEMM.
+    """
+    if t.dim() >= 3 and t.shape[0] > 1:
         behind = t.transpose(0, 1)
         if behind.is_contiguous():
             return behind
@@ -165,8 +169,8 @@ class Rule:
 
         Raises:
             NoTaylorRule: A curved op without a closed form. (Forward-over-forward AD is
-                not used: it is silently wrong for some ops, e.g. ``layer_norm`` in
-                torch 2.13.)
+                not used: it is silently wrong for some ops, e.g. ``layer_norm`` and
+                ``batch_norm`` in torch 2.13, pytorch#196700, #196699, #198017.)
         """
         if not self.linear:
             raise NoTaylorRule(self.name)

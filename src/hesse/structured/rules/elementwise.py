@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch.func import vjp
 
+from .. import kernels
 from .base import Pairs, Rule, Site, per_sample
 
 
@@ -103,7 +104,7 @@ class ElementwiseRule(Rule):
         jt = per_sample(site.tangents[0], batch)  # (B, d, I)
         w = (g * site.state[1]).reshape(batch, 1, -1)
         if diag:
-            return (jt * jt * w).sum(-1)
+            return kernels.run("gram_diag", jt, w)
         return torch.bmm(jt * w, jt.transpose(1, 2))
 
     def second(
@@ -116,11 +117,12 @@ class ElementwiseRule(Rule):
         d1, d2 = site.state
         if not self.curvature_on:
             return None if coeff is None else d1 * coeff
-        if pairs is None:
-            curv = d2 * (t * t).sum(0, keepdim=True)
-        else:
-            i, j = pairs
-            curv = d2 * (t[i] * t[j])
+        if pairs is None:  # the Laplacian: one fused kernel (see .kernels)
+            if coeff is None:
+                return kernels.run("taylor_first", d2, t)
+            return kernels.run("taylor_collapsed", d1, d2, t, coeff)
+        i, j = pairs
+        curv = d2 * (t[i] * t[j])
         return curv if coeff is None else torch.addcmul(curv, d1, coeff)
 
     def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
