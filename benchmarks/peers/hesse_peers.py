@@ -63,7 +63,7 @@ if hesse is not None:
         register(Method(f"hesse[{_name}]", f'hesse, strategy="{_name}"', "hesse", _hesse(_name)))
     register(
         Method(
-            "hesse[auto,compile]",
+            "hesse[auto+compile]",
             'hesse, strategy="auto" with hesse.set_compile(True) (compiled in the warm-up)',
             "hesse",
             _hesse("auto", compiled=True),
