@@ -127,7 +127,8 @@ def markdown(run: Mapping[str, Any]) -> str:
         f"{env['date']}, {env['cpu']}, {env['cores']} cores, torch threads "
         f"{env['torch_threads']}, torch {env['versions']['torch']}, jax "
         f"{env['versions']['jax']}, hessQuik {env['versions']['hessquik']}, hesse "
-        f"{env['versions']['hesse']} ({env['git']}). Matrix-multiply ceiling: {gemm}.",
+        f"{env['versions']['hesse']} ({env['git']}). Matrix-multiply ceiling: {gemm}."
+        + (" Heap cache on for every method." if "heap cache" in env.get("note", "") else ""),
         "",
         "Median ms per call (ratio to the fastest method of the case; fastest in bold). "
         "Every method was first checked in float64 against torch.func (relative error "

@@ -26,7 +26,7 @@ def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_repeated_calls_settle_on_a_timed_candidate(model: nn.Module) -> None:
     x = torch.randn(32, 3, dtype=DT)
     want = _reference(model, x)
-    for _ in range(2 * _tuning.MAX_CANDIDATES * _tuning.TRIALS):
+    for _ in range(2 * _tuning.MAX_CANDIDATES * (_tuning.WARMUP + _tuning.TRIALS)):
         got = hesse.hessian(model, x, batched=True, output=0)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # every call is exact
     plan = hesse.plan(model, x, "hessian", batched=True, output=0)
@@ -34,7 +34,8 @@ def test_repeated_calls_settle_on_a_timed_candidate(model: nn.Module) -> None:
     assert notes["tuning"].startswith("settled on ")
     tuner = next(v for k, v in model_cache(model).items() if k[0] == "tune")
     assert tuner.settled and plan.strategy == tuner.best()
-    assert all(len(t) == _tuning.TRIALS for t in tuner.times.values())  # no growth
+    rounds = _tuning.WARMUP + _tuning.TRIALS
+    assert all(len(t) == rounds for t in tuner.times.values())  # no growth
 
 
 def model_cache(model: nn.Module) -> dict:
@@ -46,13 +47,18 @@ def model_cache(model: nn.Module) -> dict:
 
 def test_tuner_rotates_then_keeps_the_fastest() -> None:
     tuner = _tuning.Tuner(["a", "b"])
+    assert (_tuning.WARMUP, _tuning.TRIALS) == (1, 2)  # the sequence below assumes these
     assert tuner.order(["a", "b", "c"])[0] == "a"
+    tuner.record("a", 9.0)  # warm-up call: not counted
+    assert tuner.order(["a", "b", "c"])[0] == "a"  # one candidate after the other
     tuner.record("a", 2.0)
-    assert tuner.order(["a", "b", "c"])[0] == "b"
-    tuner.record("b", 1.0)
     tuner.record("a", 3.0)
+    assert tuner.order(["a", "b", "c"])[0] == "b"
+    tuner.record("b", 0.5)
+    tuner.record("b", 1.0)
+    assert not tuner.settled
     tuner.record("b", 5.0)
-    assert tuner.settled and tuner.best() == "b"  # the shortest call counts
+    assert tuner.settled and tuner.best() == "b"  # the shortest counted call: 1.0 < 2.0
     assert tuner.order(["a", "b", "c"]) == ("b", "a", "c")
     tuner.record("a", 0.1)  # settled: no more timings
     assert tuner.best() == "b"

@@ -51,7 +51,7 @@ def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepar
 
         if strategy == "auto":  # auto times its close candidates on its first calls: the
             # tuning calls are warm-up, like JAX's compilation (see hesse._tuning)
-            for _ in range(tuning.MAX_CANDIDATES * tuning.TRIALS):
+            for _ in range(tuning.MAX_CANDIDATES * (tuning.WARMUP + tuning.TRIALS)):
                 run()
         return run
 

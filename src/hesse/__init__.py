@@ -7,6 +7,9 @@ True
 """
 
 # dense quantities
+# keeping freed memory for reuse (glibc)
+from ._heap import set_heap_cache as set_heap_cache
+
 # tuning of strategy="auto"
 from ._tuning import set_autotune as set_autotune
 from .api import derivatives as derivatives
@@ -82,4 +85,5 @@ __all__ = [
     "register_strategy",
     "set_autotune",
     "set_compile",
+    "set_heap_cache",
 ]

@@ -4,9 +4,10 @@ The cost model ranks strategies by multiply-adds, but which one is fastest also 
 on the machine (GEMM rate against memory bandwidth, float32 against float64, CPU against
 GPU), so ``strategy="auto"`` times its close candidates on the caller's own work: the
 first calls of a repeated request (same module, input shape and dtype, batch size,
-quantity, number of outputs and options) rotate through the candidates whose estimates
-are within :data:`FACTOR` (6x) of the cheapest, :data:`TRIALS` calls each; later calls run the
-one with the shortest time. Every call still computes its full result with one strategy,
+quantity, number of outputs and options) run the candidates whose estimates are within
+:data:`FACTOR` (6x) of the cheapest, three calls each in a row (the first warms caches
+and the allocator up and is not counted); later calls run the one with the shortest
+counted time. Every call still computes its full result with one strategy,
 so tuning wastes no work; results of different strategies agree to rounding.
 
 Only module calls are tuned (plain functions are re-analysed every call, see NOTE:
@@ -27,7 +28,8 @@ from ._problem import Problem
 # Multiply-adds miss memory traffic: on a 2-core CPU the row-by-row loop (small, cached
 # working sets) ties the structured engine on PINN Hessians estimated 4-5x dearer.
 FACTOR = 6.0  # candidates estimated within this factor of the cheapest are timed
-TRIALS = 2  # timed calls per candidate (the shortest counts)
+WARMUP = 1  # first calls per candidate not counted (allocator and cache warm-up)
+TRIALS = 2  # counted calls per candidate (the shortest counts)
 MAX_CANDIDATES = 4
 
 _ENABLED = True
@@ -57,20 +59,26 @@ class Tuner:
 
     @property
     def settled(self) -> bool:
-        """Whether every candidate has had its trials."""
-        return all(len(self.times.get(n, ())) >= TRIALS for n in self.names)
+        """Whether every candidate has had its warm-up and trials."""
+        return all(len(self.times.get(n, ())) >= WARMUP + TRIALS for n in self.names)
+
+    def counted(self, name: str) -> list[float]:
+        """The timings of ``name`` after its warm-up calls (all of them if there are no others)."""
+        times = self.times.get(name, [])
+        return times[WARMUP:] or times
 
     def best(self) -> str:
-        """The candidate with the shortest timed call so far."""
+        """The candidate with the shortest counted call so far."""
         timed = [n for n in self.names if self.times.get(n)]
-        return min(timed, key=lambda n: min(self.times[n])) if timed else self.names[0]
+        return min(timed, key=lambda n: min(self.counted(n))) if timed else self.names[0]
 
     def order(self, candidates: Sequence[str]) -> tuple[str, ...]:
         """``candidates`` with the one to run now first (the rest keep their order)."""
-        if self.settled:
-            first = self.best()
-        else:
-            first = min(self.names, key=lambda n: len(self.times.get(n, ())))
+        rounds = WARMUP + TRIALS
+        pending = [n for n in self.names if len(self.times.get(n, ())) < rounds]
+        # one candidate after the other: interleaving would time each in the memory state
+        # the others leave behind, not in its own steady state
+        first = pending[0] if pending else self.best()
         return (first, *(c for c in candidates if c != first))
 
     def record(self, name: str, seconds: float) -> None:
