@@ -85,6 +85,7 @@ class Record:
     warnings: list[str] = field(default_factory=list)
     memory_mb: float | None = None
     memory_note: str = ""
+    note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -266,6 +267,8 @@ def evaluate(
     rec.times_ms, rec.capped = time_calls(fn, first_s, settings)
     rec.median_ms = statistics.median(rec.times_ms)
     rec.min_ms = min(rec.times_ms)
+    describe = getattr(fn, "describe", None)  # e.g. what hesse's "auto" settled on
+    rec.note = describe() if callable(describe) else ""
     return rec
 
 

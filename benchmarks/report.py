@@ -113,6 +113,8 @@ def notes(run: Mapping[str, Any]) -> str:
         if r.get("memory_note", "").startswith("memory child"):
             items.append(f"- {where}: {r['memory_note']}")
         items.extend(f"- {where}: {w}" for w in r["warnings"])
+        if r.get("note"):
+            items.append(f"- {where}: {r['note']}")
     return "\n".join(items)
 
 

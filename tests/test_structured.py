@@ -465,6 +465,8 @@ def test_cost_model_picks_the_engine_mode(quantity: str, outputs: int, mode: str
     )
     cost = graph_cost(capture(model), torch.randn(1, d), d)
     assert cost.best(quantity, outputs)[0] == mode
+    notes = dict(hesse.plan(model, torch.randn(16, d), quantity, batched=True).estimates)
+    assert notes["structured"].endswith(f"MAC ({mode} mode)")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's own imports

@@ -26,7 +26,8 @@ def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_repeated_calls_settle_on_a_timed_candidate(model: nn.Module) -> None:
     x = torch.randn(32, 3, dtype=DT)
     want = _reference(model, x)
-    for _ in range(2 * _tuning.MAX_CANDIDATES * (_tuning.WARMUP + _tuning.TRIALS)):
+    rounds = _tuning.MAX_CANDIDATES * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
+    for _ in range(rounds * (1 + _tuning.MAX_RETUNES)):  # room for one re-timing
         got = hesse.hessian(model, x, batched=True, output=0)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # every call is exact
     plan = hesse.plan(model, x, "hessian", batched=True, output=0)
@@ -64,6 +65,61 @@ def test_tuner_rotates_then_keeps_the_fastest() -> None:
     assert tuner.best() == "b"
     tuner.drop("b")
     assert tuner.names == ["a"]
+
+
+def _settled(times: dict[str, list[float]]) -> _tuning.Tuner:
+    tuner = _tuning.Tuner(list(times))
+    for name, ts in times.items():
+        for t in ts:
+            tuner.record(name, t)
+    assert tuner.settled
+    return tuner
+
+
+def test_a_choice_as_fast_as_timed_is_kept() -> None:
+    tuner = _settled({"a": [9.0, 2.0, 3.0], "b": [5.0, 1.0, 1.2]})
+    for t in (1.2, 1.4, 1.1):  # median 1.2 <= RETUNE x 1.0
+        tuner.record("b", t)
+    assert tuner.settled and not tuner.watching() and tuner.retunes == 0
+    assert tuner.best() == "b" and len(tuner.times["b"]) == 3
+    tuner.record("b", 50.0)  # the watch is over: drift after it changes nothing
+    assert tuner.settled and tuner.best() == "b"
+
+
+def test_a_choice_slower_than_timed_is_timed_again_once() -> None:
+    tuner = _settled({"a": [9.0, 2.0, 3.0], "b": [5.0, 1.0, 1.2]})
+    tuner.record("a", 0.1)  # not the choice: ignored
+    for t in (2.0, 1.0, 2.5):  # median 2.0 > RETUNE x 1.0
+        tuner.record("b", t)
+    assert not tuner.settled and tuner.retunes == 1 and tuner.times == {}
+    assert tuner.order(["a", "b"])[0] == "a"  # candidates timed again from the first
+    assert "timed again 1x" in tuner.summary()
+    for name, ts in {"a": [3.0, 2.0, 2.0], "b": [1.0, 1.5, 1.6]}.items():
+        for t in ts:
+            tuner.record(name, t)
+    assert tuner.settled and tuner.best() == "b"
+    for t in (9.0, 9.0, 9.0):  # MAX_RETUNES reached: kept
+        tuner.record("b", t)
+    assert tuner.settled and tuner.retunes == _tuning.MAX_RETUNES == 1
+
+
+def test_compile_and_heap_settings_are_tuned_apart(model: nn.Module) -> None:
+    from hesse._problem import build_problem
+
+    problem = build_problem("hesse.hessian", model, torch.randn(4, 3, dtype=DT), 0, True)
+    key = _tuning.request_key(problem, "hessian", None, None, False)
+    hesse.set_compile(True)
+    try:
+        assert _tuning.request_key(problem, "hessian", None, None, False) != key
+    finally:
+        hesse.set_compile(False)
+    assert _tuning.request_key(problem, "hessian", None, None, False) == key
+    if hesse.set_heap_cache("64MiB"):
+        try:
+            assert _tuning.request_key(problem, "hessian", None, None, False) != key
+        finally:
+            hesse.set_heap_cache(None)
+        assert _tuning.request_key(problem, "hessian", None, None, False) == key
 
 
 def test_functions_and_disabled_tuning_are_not_tuned(model: nn.Module) -> None:

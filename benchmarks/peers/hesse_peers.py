@@ -7,7 +7,8 @@ is recorded as unsupported, with hesse's message.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +34,15 @@ def _call(quantity: str) -> Callable[..., torch.Tensor]:
     return lambda *args, **kwargs: fn(*args, **kwargs, **extra)
 
 
+@contextlib.contextmanager
+def _compile(enabled: bool) -> Iterator[None]:
+    hesse.set_compile(enabled)
+    try:
+        yield
+    finally:
+        hesse.set_compile(False)
+
+
 def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepared]:
     def prepare(inst: Instance) -> Prepared:
         fn = _call(inst.case.quantity)
@@ -41,18 +51,28 @@ def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepar
         kwargs = {"output": output, "batched": inst.case.batched, "strategy": strategy}
 
         def run() -> torch.Tensor:
-            hesse.set_compile(compiled)
-            try:
-                return fn(inst.model, inst.x, **kwargs)
-            except hesse.StrategyError as err:
-                raise Unsupported(str(err)) from err
-            finally:
-                hesse.set_compile(False)
+            with _compile(compiled):
+                try:
+                    return fn(inst.model, inst.x, **kwargs)
+                except hesse.StrategyError as err:
+                    raise Unsupported(str(err)) from err
 
-        if strategy == "auto":  # auto times its close candidates on its first calls: the
-            # tuning calls are warm-up, like JAX's compilation (see hesse._tuning)
-            for _ in range(tuning.MAX_CANDIDATES * (tuning.WARMUP + tuning.TRIALS)):
+        def tuning_note() -> str:
+            with _compile(compiled):  # the tuner of the same settings as run()
+                plan = hesse.plan(inst.model, inst.x, quantity=inst.case.quantity, **kwargs)
+            note = dict(plan.estimates).get("tuning", "")
+            return f"auto ran {plan.strategy}" + (f" (tuning {note})" if note else "")
+
+        if strategy == "auto":  # auto times its close candidates on its first calls and
+            # watches its choice: those calls are warm-up, like JAX's compilation
+            rounds = tuning.MAX_CANDIDATES * (tuning.WARMUP + tuning.TRIALS) + tuning.WATCH
+            for _ in range(rounds):
                 run()
+            for _ in range(rounds * tuning.MAX_RETUNES):  # until a re-timing has settled
+                if "(tuning timing" not in tuning_note():
+                    break
+                run()
+            run.describe = tuning_note  # type: ignore[attr-defined]
         return run
 
     return prepare

@@ -23,6 +23,7 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _MMAP_MAX_THRESHOLD = 32 * 2**20  # glibc's upper bound for blocks served from the heap
+_LIMIT: int | None = None
 _DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 2**10, _M_TOP_PAD: 0, _M_MMAP_THRESHOLD: 128 * 2**10}
 
 
@@ -72,4 +73,12 @@ def set_heap_cache(limit: int | str | None = "256MiB") -> bool:
             _M_TRIM_THRESHOLD: min(size, 2**31 - 1),
             _M_TOP_PAD: min(size, 64 * 2**20),
         }
-    return all(mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in settings.items())
+    global _LIMIT
+    applied = all(mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in settings.items())
+    _LIMIT = size if applied else _LIMIT
+    return applied
+
+
+def heap_cache() -> int | None:
+    """The limit last applied by :func:`set_heap_cache` (None: glibc's defaults)."""
+    return _LIMIT

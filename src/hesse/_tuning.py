@@ -10,6 +10,11 @@ and the allocator up and is not counted); later calls run the one with the short
 counted time. Every call still computes its full result with one strategy,
 so tuning wastes no work; results of different strategies agree to rounding.
 
+Timings on a shared machine drift (other processes, page faults while the heap settles),
+so the choice is watched: if its next :data:`WATCH` calls take, at the median, more than
+:data:`RETUNE` times what it was timed at, the candidates are timed once more (at most
+:data:`MAX_RETUNES` times per request).
+
 Only module calls are tuned (plain functions are re-analysed every call, see NOTE:
 [analysis cache]). ``hesse.set_autotune(False)`` turns it off: ``"auto"`` then always runs
 the cheapest estimate.
@@ -17,13 +22,16 @@ the cheapest estimate.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ._heap import heap_cache
 from ._problem import Problem
+from .structured import kernels
 
 # Multiply-adds miss memory traffic: on a 2-core CPU the row-by-row loop (small, cached
 # working sets) ties the structured engine on PINN Hessians estimated 4-5x dearer.
@@ -31,6 +39,9 @@ FACTOR = 6.0  # candidates estimated within this factor of the cheapest are time
 WARMUP = 1  # first calls per candidate not counted (allocator and cache warm-up)
 TRIALS = 2  # counted calls per candidate (the shortest counts)
 MAX_CANDIDATES = 4
+WATCH = 3  # calls of the settled choice compared with its timing
+RETUNE = 1.5  # ... and re-timed when their median is this much slower
+MAX_RETUNES = 1
 
 _ENABLED = True
 
@@ -56,6 +67,8 @@ class Tuner:
 
     names: list[str]
     times: dict[str, list[float]] = field(default_factory=dict)
+    watched: list[float] = field(default_factory=list)
+    retunes: int = 0
 
     @property
     def settled(self) -> bool:
@@ -66,6 +79,10 @@ class Tuner:
         """The timings of ``name`` after its warm-up calls (all of them if there are no others)."""
         times = self.times.get(name, [])
         return times[WARMUP:] or times
+
+    def watching(self) -> bool:
+        """Whether the settled choice's next calls are still being compared with its timing."""
+        return self.settled and self.retunes < MAX_RETUNES and len(self.watched) < WATCH
 
     def best(self) -> str:
         """The candidate with the shortest counted call so far."""
@@ -82,9 +99,17 @@ class Tuner:
         return (first, *(c for c in candidates if c != first))
 
     def record(self, name: str, seconds: float) -> None:
-        """Adds one timed call of ``name`` (until every candidate has had its trials)."""
-        if name in self.names and not self.settled:
+        """Adds one timed call of ``name`` (then watches the choice, see the module doc)."""
+        if name not in self.names:
+            return
+        if not self.settled:
             self.times.setdefault(name, []).append(seconds)
+        elif name == self.best() and self.watching():
+            self.watched.append(seconds)
+            if len(self.watched) == WATCH and (
+                statistics.median(self.watched) > RETUNE * min(self.counted(name))
+            ):
+                self.times, self.watched, self.retunes = {}, [], self.retunes + 1
 
     def drop(self, name: str) -> None:
         """Removes a candidate that failed on this model."""
@@ -95,14 +120,16 @@ class Tuner:
         """One line for plans: the shortest time of every timed candidate."""
         parts = [f"{n} {1e3 * min(self.times[n]):.3g} ms" for n in self.names if self.times.get(n)]
         state = "settled on " + self.best() if self.settled else "timing"
-        return f"{state}: " + ", ".join(parts) if parts else "not timed yet"
+        again = f" (timed again {self.retunes}x: the choice ran slower)" if self.retunes else ""
+        return (f"{state}{again}: " + ", ".join(parts)) if parts else "not timed yet" + again
 
 
 def request_key(
     problem: Problem, quantity: str, chunk_size: int | None, max_memory: object, graph: bool
 ) -> tuple:
     """What identifies a repeated request besides the module and the input layout."""
-    return ("tune", problem.batch, problem.m, quantity, chunk_size, str(max_memory), graph)
+    options = (chunk_size, str(max_memory), graph, kernels.compiling(), heap_cache())
+    return ("tune", problem.batch, problem.m, quantity, *options)
 
 
 def tuner_for(

@@ -156,7 +156,9 @@ def candidate_order(
         reason = unsupported(st, problem, quantity, create_graph)
         if reason is None:
             costs[name] = estimate(problem, quantity, st)
-            notes.append((name, f"{costs[name]:.3g} MAC"))
+            describe = getattr(st, "describe", None)
+            detail = f" ({describe(problem, quantity)})" if callable(describe) else ""
+            notes.append((name, f"{costs[name]:.3g} MAC{detail}"))
         else:
             notes.append((name, f"n/a: {reason}"))
     ordered = tuple(sorted(costs, key=lambda k: costs[k]))
@@ -176,6 +178,16 @@ def _prod(shape: tuple[int, ...]) -> int:
     for d in shape:
         out *= d
     return out
+
+
+def _choice(estimates: tuple[tuple[str, str], ...]) -> str:
+    """Why this candidate runs: requested, cheapest estimate, or timed (see :mod:`._tuning`)."""
+    tuned = dict(estimates).get("tuning", "")
+    if tuned.startswith("settled"):
+        return "the fastest of the close candidates when timed"
+    if tuned:
+        return "the close candidates are being timed, one after the other"
+    return "the cheapest candidate" if len(estimates) > 1 else "requested"
 
 
 def make_plan(
@@ -234,11 +246,7 @@ def make_plan(
         rows, samples = units, 1
     steps = -(-problem.batch // samples) * -(-items // rows)
     step_units = samples if strategy.sequential else samples * rows
-    reason = (
-        f"{strategy.description}; "
-        + ("the cheapest candidate" if len(estimates) > 1 else "requested")
-        + f"; {why}"
-    )
+    reason = f"{strategy.description}; {_choice(estimates)}; {why}"
     return Plan(
         api=problem.api,
         quantity=quantity,

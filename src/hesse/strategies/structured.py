@@ -61,6 +61,11 @@ class Structured:
         _, macs = cost.best(quantity, problem.m)
         return problem.batch * macs + cost.overhead(quantity, problem.m)
 
+    def describe(self, problem: Problem, quantity: str) -> str:
+        """The engine mode the cost model picks, for plans (after :meth:`estimate`)."""
+        mode, _ = problem.cache["graph_cost"].best(quantity, problem.m)
+        return f"{mode} mode"
+
     def compute(
         self, problem: Problem, quantity: str, x: torch.Tensor, v: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

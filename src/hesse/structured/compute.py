@@ -121,8 +121,30 @@ def structured_pass(
     return result
 
 
-def _taylor(captured: Captured, x: torch.Tensor, seed: Seed, batch: int, index, want):
-    """Taylor mode (see NOTE: [Taylor mode] in :mod:`.rules.base`): one forward pass."""
+def _taylor(
+    captured: Captured,
+    x: torch.Tensor,
+    seed: Seed,
+    batch: int,
+    index: torch.Tensor | None,
+    want: frozenset[str],
+) -> dict[str, torch.Tensor]:
+    """Taylor mode (see NOTE: [Taylor mode] in :mod:`.rules.base`): one forward pass.
+
+    Args:
+        captured: The captured model.
+        x: Inputs in the model's layout (``s`` samples of ``d`` entries).
+        seed: The input node with ``d`` directions (no bottleneck).
+        batch: ``s`` when batched, 1 for a single sample.
+        index: Flat indices of the selected outputs (``None``: all).
+        want: As for :func:`structured_pass`.
+
+    Returns:
+        As :func:`structured_pass`: ``(s, m, ...)`` arrays.
+
+    Raises:
+        NoTaylorRule: A curved op has no closed Taylor rule.
+    """
     d = seed.d
     kind = "hessian" if "hessian" in want else "diag" if "diag" in want else "laplacian"
     if kind == "laplacian":

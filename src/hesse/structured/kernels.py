@@ -35,6 +35,11 @@ def set_compile(enabled: bool) -> None:
     _COMPILE = bool(enabled)
 
 
+def compiling() -> bool:
+    """Whether :func:`set_compile` is on (and no compile has failed since)."""
+    return _COMPILE
+
+
 def taylor_first(d2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``phi'' * sum_i J_i^2`` (the Laplacian coefficient of a node whose input has none).
 
