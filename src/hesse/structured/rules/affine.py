@@ -83,6 +83,29 @@ class ConvRule(Rule):
         a = site.inputs[0]
         per_image = a.shape[-(spatial + 1) :]
         grads = gdot.reshape(-1, *site.output.shape[-(spatial + 1) :])
+        if grads.device.type == "cpu" and grads.dtype in _ONEDNN_DTYPES:
+            out = self._onednn_transpose(grads, per_image)
+        else:  # CPU float64: the transposed convolution's own kernel is 2-7x slower
+            shape = grads.new_empty((grads.shape[0], *per_image))  # only its shape is read
+            out = torch.ops.aten.convolution_backward(
+                grads,
+                shape,
+                mod.weight,
+                None,
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                False,
+                (0,) * spatial,
+                mod.groups,
+                (True, False, False),
+            )[0]
+        return (out.reshape(gdot.shape[0], *a.shape),)
+
+    def _onednn_transpose(self, grads: torch.Tensor, per_image: torch.Size) -> torch.Tensor:
+        """``conv_transposeNd`` of ``grads`` ``(N, C_out, ...)``: ``(N, *per_image)``."""
+        mod = self.module
+        spatial = len(mod.kernel_size)
         extra = tuple(
             a_len - ((o_len - 1) * st - 2 * p + dl * (k - 1) + 1)
             for a_len, o_len, st, p, dl, k in zip(
@@ -97,7 +120,7 @@ class ConvRule(Rule):
         )
         if spatial == 2:  # oneDNN's transposed convolution is fastest in channels-last
             grads = grads.contiguous(memory_format=torch.channels_last)
-        out = _CONV_TRANSPOSE[spatial](
+        return _CONV_TRANSPOSE[spatial](
             grads,
             mod.weight,
             stride=mod.stride,
@@ -106,7 +129,9 @@ class ConvRule(Rule):
             groups=mod.groups,
             dilation=mod.dilation,
         )
-        return (out.reshape(gdot.shape[0], *a.shape),)
 
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+# dtypes of oneDNN's CPU convolutions (conv_transpose is then fast); others take the
+# convolution's own backward kernel (im2col GEMM), like autograd does
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
