@@ -69,7 +69,7 @@ def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepar
             for _ in range(rounds):
                 run()
             for _ in range(rounds * tuning.MAX_RETUNES):  # until a re-timing has settled
-                if "(tuning timing" not in tuning_note():
+                if "(tuning timing" not in tuning_note():  # settled, or nothing to tune
                     break
                 run()
             run.describe = tuning_note  # type: ignore[attr-defined]

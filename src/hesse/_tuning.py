@@ -121,7 +121,7 @@ class Tuner:
         parts = [f"{n} {1e3 * min(self.times[n]):.3g} ms" for n in self.names if self.times.get(n)]
         state = "settled on " + self.best() if self.settled else "timing"
         again = f" (timed again {self.retunes}x: the choice ran slower)" if self.retunes else ""
-        return (f"{state}{again}: " + ", ".join(parts)) if parts else "not timed yet" + again
+        return f"{state}{again}" + (": " + ", ".join(parts) if parts else "")
 
 
 def request_key(
