@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,7 +48,9 @@ class Settings:
     """Timing knobs.
 
     Attributes:
-        repeats: Timed calls per method (at most).
+        repeats: Timed calls per method (at most), spread over the rounds.
+        rounds: Rounds of timing: each times every method of the case in turn, so a slow
+            spell of the machine hits one round of every method, not all calls of one.
         budget_s: Time budget of the timed calls of one method; fewer repeats beyond it.
         cap_s: A first call slower than this is the only timing (no repeats).
         skip_slow_batched: Leave methods marked slow out on batched cases (``--quick``).
@@ -56,6 +59,7 @@ class Settings:
     """
 
     repeats: int = 7
+    rounds: int = 3
     budget_s: float = 6.0
     cap_s: float = 20.0
     skip_slow_batched: bool = False
@@ -79,6 +83,7 @@ class Record:
     rel_error: float | None = None
     first_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
+    round_medians_ms: list[float] = field(default_factory=list)
     median_ms: float | None = None
     min_ms: float | None = None
     capped: bool = False
@@ -144,29 +149,58 @@ def _first_call(method: Method, inst: Instance, rec: Record) -> tuple[Any, Any] 
     return None
 
 
-def time_calls(fn: Any, first_s: float, settings: Settings) -> tuple[list[float], bool]:
-    """Times repeated calls of an already verified (so warmed-up) callable.
+@dataclass
+class Timed:
+    """A verified, warmed-up method waiting for its timed calls.
 
-    Args:
+    Attributes:
+        record: Its record (times are added to it).
         fn: Zero-argument callable.
         first_s: Duration of its first call, seconds.
-        settings: Repeats, budget and cap.
-
-    Returns:
-        (durations in ms, capped): ``capped`` when the first call was the only timing.
     """
-    if first_s > settings.cap_s:
-        return [1e3 * first_s], True
-    if first_s < 1.0:
-        fn()  # second warm-up: caches, lazy initialisation
-    n = max(1, min(settings.repeats, int(settings.budget_s / max(first_s, 1e-6))))
-    times = []
-    gc.collect()
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return times, False
+
+    record: Record
+    fn: Any
+    first_s: float
+
+
+def time_rounds(entries: Sequence[Timed], settings: Settings) -> None:
+    """Times the methods in interleaved rounds and fills in their records.
+
+    A method whose first call took longer than the cap keeps that call as its only timing
+    (``capped``). The others get one more warm-up call (if under a second), then
+    ``settings.rounds`` rounds of up to ``ceil(repeats / rounds)`` calls each (fewer beyond
+    the budget). ``median_ms`` is the median of the least disturbed round (the smallest
+    round median), ``min_ms`` the fastest call.
+    """
+    live = []
+    for entry in entries:
+        rec = entry.record
+        if entry.first_s > settings.cap_s:
+            rec.times_ms, rec.capped = [1e3 * entry.first_s], True
+        else:
+            if entry.first_s < 1.0:
+                entry.fn()  # second warm-up: caches, lazy initialisation
+            live.append(entry)
+    rounds = max(1, settings.rounds)
+    for _ in range(rounds):
+        for entry in live:
+            budget = settings.budget_s / rounds / max(entry.first_s, 1e-6)
+            n = max(1, min(-(-settings.repeats // rounds), int(budget)))
+            gc.collect()
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                entry.fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+            entry.record.times_ms += times
+            entry.record.round_medians_ms.append(statistics.median(times))
+    for entry in entries:
+        rec = entry.record
+        rec.median_ms = min(rec.round_medians_ms or rec.times_ms)
+        rec.min_ms = min(rec.times_ms)
+        describe = getattr(entry.fn, "describe", None)  # e.g. what hesse's "auto" settled on
+        rec.note = describe() if callable(describe) else ""
 
 
 @dataclass
@@ -219,6 +253,51 @@ def verify(method: Method, inst: Instance, reference: torch.Tensor, full: int) -
     return check
 
 
+def start(
+    method: Method,
+    inst: Instance,
+    reference: torch.Tensor,
+    check: Check,
+    skip: str | None = None,
+) -> tuple[Record, Timed | None]:
+    """Prepares one verified method for timing on one case instance (its first call).
+
+    Args:
+        method: The method.
+        inst: Case instance at the dtype to time (full size).
+        reference: float64 reference result, shape ``case.result_shape``.
+        check: The method's float64 verification; a failed one is copied, not timed.
+        skip: Reason not to run at all (the method was too slow in another dtype); the
+            record is then ``slow``.
+
+    Returns:
+        The record and, when the method is to be timed, its :class:`Timed` entry.
+    """
+    dtype = str(inst.dtype).removeprefix("torch.")
+    rec = Record(inst.case.id, method.name, dtype, rel_error=check.rel_error)
+    if check.status != "ok":
+        rec.status, rec.reason = check.status, check.reason
+        return rec, None
+    if skip is not None:
+        rec.status, rec.reason = "slow", skip
+        return rec, None
+    if dtype == "float64" and check.first is not None:
+        fn, first_s = check.first
+        rec.first_ms, rec.warnings = 1e3 * first_s, check.warnings
+        return rec, Timed(rec, fn, first_s)
+    first = _first_call(method, inst, rec)
+    if first is None:
+        return rec, None
+    fn, out = first
+    rec.rel_error = relative_error(out, reference)
+    del out
+    if rec.rel_error > TOLERANCE[dtype]:
+        rec.status = "wrong"
+        rec.reason = f"relative error {rec.rel_error:.2e} > {TOLERANCE[dtype]:.0e}"
+        return rec, None
+    return rec, Timed(rec, fn, rec.first_ms / 1e3)
+
+
 def evaluate(
     method: Method,
     inst: Instance,
@@ -227,48 +306,14 @@ def evaluate(
     settings: Settings,
     skip: str | None = None,
 ) -> Record:
-    """Times one verified method on one case instance (after its own accuracy check).
-
-    Args:
-        method: The method.
-        inst: Case instance at the dtype to time (full size).
-        reference: float64 reference result, shape ``case.result_shape``.
-        check: The method's float64 verification; a failed one is copied, not timed.
-        settings: Timing knobs.
-        skip: Reason not to run at all (the method was too slow in another dtype); the
-            record is then ``slow``.
+    """:func:`start` and :func:`time_rounds` for one method on its own.
 
     Returns:
         The record (memory not yet measured).
     """
-    dtype = str(inst.dtype).removeprefix("torch.")
-    rec = Record(inst.case.id, method.name, dtype, rel_error=check.rel_error)
-    if check.status != "ok":
-        rec.status, rec.reason = check.status, check.reason
-        return rec
-    if skip is not None:
-        rec.status, rec.reason = "slow", skip
-        return rec
-    if dtype == "float64" and check.first is not None:
-        fn, first_s = check.first
-        rec.first_ms, rec.warnings = 1e3 * first_s, check.warnings
-    else:
-        first = _first_call(method, inst, rec)
-        if first is None:
-            return rec
-        fn, out = first
-        rec.rel_error = relative_error(out, reference)
-        del out
-        if rec.rel_error > TOLERANCE[dtype]:
-            rec.status = "wrong"
-            rec.reason = f"relative error {rec.rel_error:.2e} > {TOLERANCE[dtype]:.0e}"
-            return rec
-        first_s = rec.first_ms / 1e3
-    rec.times_ms, rec.capped = time_calls(fn, first_s, settings)
-    rec.median_ms = statistics.median(rec.times_ms)
-    rec.min_ms = min(rec.times_ms)
-    describe = getattr(fn, "describe", None)  # e.g. what hesse's "auto" settled on
-    rec.note = describe() if callable(describe) else ""
+    rec, timed = start(method, inst, reference, check, skip)
+    if timed is not None:
+        time_rounds([timed], settings)
     return rec
 
 

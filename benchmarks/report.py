@@ -79,6 +79,52 @@ def time_table(run: Mapping[str, Any], dtype: str) -> str:
     return "\n".join(lines)
 
 
+def standing_table(run: Mapping[str, Any], method: str = "hesse[auto]") -> str:
+    """Markdown: ``method`` against torch.func, the fastest peer and hesse's own strategies.
+
+    Every ratio is the other's median time (or peak memory) over ``method``'s: above 1 means
+    ``method`` is faster (leaner). *vs best strategy* compares ``"auto"`` with the fastest
+    explicit hesse strategy of the case (the planner check: 0.91 or more is within 10%).
+    """
+    index = _index(run["records"])
+    peers = [m for m in run["methods"] if not m.startswith("hesse[")]
+    own = [m for m in run["methods"] if m.startswith("hesse[") and "auto" not in m]
+    head = ["case"]
+    for dtype in run["dtypes"]:
+        head += [
+            f"vs torch.func, {dtype}",
+            f"vs fastest peer, {dtype}",
+            f"vs best strategy, {dtype}",
+        ]
+    head.append("memory vs torch.func, float32")
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def median(case: str, m: str, dtype: str) -> float | None:
+        rec = index.get((case, m, dtype))
+        return None if rec is None else rec["median_ms"]
+
+    def best(case: str, names: list[str], dtype: str) -> tuple[float, str] | None:
+        timed = [(t, m) for m in names if (t := median(case, m, dtype)) is not None]
+        return min(timed) if timed else None
+
+    for case in run["cases"]:
+        cells = [f"`{case}`"]
+        for dtype in run["dtypes"]:
+            mine = median(case, method, dtype)
+            func, peer = median(case, "func_hessian", dtype), best(case, peers, dtype)
+            strat = best(case, own, dtype)
+            cells.append(f"{func / mine:.2f}x" if mine and func else "")
+            cells.append(f"{peer[0] / mine:.2f}x ({peer[1]})" if mine and peer else "")
+            cells.append(f"{strat[0] / mine:.2f}x ({strat[1][6:-1]})" if mine and strat else "")
+        mem = [
+            (index.get((case, m, "float32")) or {}).get("memory_mb")
+            for m in (method, "func_hessian")
+        ]
+        cells.append(f"{mem[1] / mem[0]:.2f}x" if mem[0] and mem[1] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _opt(value: float | None, suffix: str = "") -> str:
     return "" if value is None else _ms(value) + suffix
 
@@ -132,7 +178,13 @@ def markdown(run: Mapping[str, Any]) -> str:
         f"{env['versions']['hesse']} ({env['git']}). Matrix-multiply ceiling: {gemm}."
         + (" Heap cache on for every method." if "heap cache" in env.get("note", "") else ""),
         "",
-        "Median ms per call (ratio to the fastest method of the case; fastest in bold). "
+        "Median ms per call"
+        + (
+            f" in the least disturbed of {rounds} rounds (each round times every method in turn)"
+            if (rounds := run["settings"].get("rounds", 1)) > 1
+            else ""
+        )
+        + " (ratio to the fastest method of the case; fastest in bold). "
         "Every method was first checked in float64 against torch.func (relative error "
         f"<= {run['tolerance']['float64']:.0e}; float32 <= {run['tolerance']['float32']:.0e}); "
         "`wrong`: failed that check, not timed; `n/a`: the method cannot express the case; "
@@ -157,6 +209,9 @@ def markdown(run: Mapping[str, Any]) -> str:
         table = time_table(run, dtype)
         if table.count("\n") > 4:
             out += ["", f"## Time, {dtype}", "", table]
+    if any(r["method"] == "hesse[auto]" for r in run["records"]):
+        out += ["", "## hesse[auto] against the others (their time / auto's: >1 is faster)", ""]
+        out += [standing_table(run)]
     for dtype in run["dtypes"]:
         table = memory_table(run, dtype)
         if table:

@@ -33,8 +33,8 @@ from .cases import (
 from .peers import methods
 from .peers.torch_peers import reference
 
-QUICK = {"repeats": 3, "budget_s": 1.5, "cap_s": 5.0, "skip_slow": True}
-FULL = {"repeats": 7, "budget_s": 5.0, "cap_s": 20.0, "skip_slow": False}
+QUICK = {"repeats": 3, "rounds": 1, "budget_s": 1.5, "cap_s": 5.0, "skip_slow": True}
+FULL = {"repeats": 9, "rounds": 3, "budget_s": 6.0, "cap_s": 20.0, "skip_slow": False}
 # quick runs measure memory for these methods only (a child process costs ~3 s)
 QUICK_MEMORY = ("func_hessian", "jax_hessian", "hesse[auto]")
 
@@ -52,7 +52,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", type=_csv, help=f"comma list of: {', '.join(CASES)}")
     p.add_argument("--methods", type=_csv, help="comma list of method names (--list)")
     p.add_argument("--dtypes", type=_csv, default=["float32", "float64"])
-    p.add_argument("--repeats", type=int, help="timed calls per method (quick 3, full 7)")
+    p.add_argument(
+        "--repeats", type=int, help="timed calls per method, over all rounds (quick 3, full 9)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="timing rounds, each over every method of a case in turn (quick 1, full 3)",
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, help="output folder (full runs: benchmarks/results/<ts>)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory child processes")
@@ -112,21 +119,33 @@ def run_case(
     for dtype, inst in insts.items():
         info["gradient_ms"][dtype] = protocol.gradient_ms(inst, settings.repeats)
     table = methods()
-    records: list[protocol.Record] = []
+    checks = {}
     for name in names:
-        skip = None
         if settings.skip_slow_batched and table[name].slow and case.batched:
-            check = protocol.Check("slow", report.QUICK_SKIP)
+            checks[name] = protocol.Check("slow", report.QUICK_SKIP)
         else:
-            check = protocol.verify(table[name], check_inst, check_ref, case.samples)
-        for dtype in dtypes:
-            rec = protocol.evaluate(table[name], insts[dtype], ref, check, settings, skip)
-            if rec.capped:
-                skip = f"{dtype} call took {rec.first_ms / 1e3:.0f} s > cap {settings.cap_s:.0f} s"
+            checks[name] = protocol.verify(table[name], check_inst, check_ref, case.samples)
+    records: list[protocol.Record] = []
+    skips: dict[str, str] = {}
+    for dtype in dtypes:  # every method's first call, then the timing rounds of all
+        timed = []
+        for name in names:
+            rec, entry = protocol.start(
+                table[name], insts[dtype], ref, checks[name], skips.get(name)
+            )
             records.append(rec)
+            if entry is not None:
+                timed.append(entry)
+        protocol.time_rounds(timed, settings)
+        for rec in records[-len(names) :]:
+            if rec.capped:
+                skips[rec.method] = (
+                    f"{dtype} call took {rec.first_ms / 1e3:.0f} s > cap {settings.cap_s:.0f} s"
+                )
             shown = f"{rec.median_ms:.2f} ms" if rec.median_ms is not None else rec.reason[:90]
-            _log(f"  {case_id:16s} {dtype:7s} {name:24s} {rec.status:11s} {shown}")
-    return records
+            _log(f"  {case_id:16s} {dtype:7s} {rec.method:24s} {rec.status:11s} {shown}")
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(records, key=lambda r: order[r.method])  # per method, dtypes in order
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     knobs = QUICK if args.quick else FULL
     settings = protocol.Settings(
         repeats=args.repeats or knobs["repeats"],
+        rounds=args.rounds or knobs["rounds"],
         budget_s=knobs["budget_s"],
         cap_s=args.cap or knobs["cap_s"],
         skip_slow_batched=knobs["skip_slow"],

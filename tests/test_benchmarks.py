@@ -65,6 +65,11 @@ def test_tiny_run_end_to_end(tmp_path, bad_methods):
     assert set(run["gemm_gflops"]) == {"float32", "float64"}
     text = (tmp_path / "results.md").read_text()
     assert "## Time, float32" in text and "| scaled |" in text and "**wrong**" in text
+    auto = status["smoke_hess", "hesse[auto]", "float32"]
+    assert auto["note"].startswith("auto ran ")  # what auto settled on is recorded
+    func = status["smoke_hess", "func_hessian", "float32"]
+    row = next(line for line in text.splitlines() if line.startswith("| `smoke_hess` |"))
+    assert row.split(" | ")[1] == f"{func['median_ms'] / auto['median_ms']:.2f}x"
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "results.png").stat().st_size > 0
 
@@ -96,3 +101,34 @@ def test_memory_child_reports_an_rss_increase():
     rec = protocol.Record("smoke_hess", "func_hessian", "float32")
     protocol.measure_memory(rec, threads=1, settings=protocol.Settings())
     assert rec.memory_mb is not None and rec.memory_mb >= 0, rec.memory_note
+
+
+def test_rounds_interleave_methods_and_keep_the_least_disturbed_round(monkeypatch):
+    calls: list[str] = []
+    clock = iter(range(1000))  # perf_counter: +1 s per reading, unless a call adds more
+    slow = {"a": [0, 0, 5, 5, 0, 0]}  # a: its second round is disturbed
+
+    def fake(name):
+        def fn():
+            calls.append(name)
+            extra = slow.get(name, [])
+            next_extra = extra.pop(0) if extra else 0
+            for _ in range(next_extra):
+                next(clock)
+
+        return fn
+
+    monkeypatch.setattr(protocol.time, "perf_counter", lambda: float(next(clock)))
+    entries = [
+        protocol.Timed(protocol.Record("c", name, "float32"), fake(name), first)
+        for name, first in (("a", 2.0), ("b", 2.0), ("capped", 99.0))
+    ]
+    settings = protocol.Settings(repeats=6, rounds=3, budget_s=100.0, cap_s=10.0)
+    protocol.time_rounds(entries, settings)
+    # first calls over 1 s get no second warm-up; the capped one is never called again
+    assert calls == ["a", "a", "b", "b"] * 3
+    a, b, capped = (e.record for e in entries)
+    assert a.round_medians_ms == [1000.0, 6000.0, 1000.0] and a.median_ms == 1000.0
+    assert len(a.times_ms) == 6 and a.min_ms == 1000.0
+    assert capped.capped and capped.times_ms == [99000.0] and capped.median_ms == 99000.0
+    assert b.median_ms == 1000.0

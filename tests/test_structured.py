@@ -307,27 +307,26 @@ CONVS = {
 }
 
 
+def _engine_hessian(case: str, mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(engine's Hessian in ``mode`` at ``dtype``, float64 reference) on a model of the zoo."""
+    factory, shape = {**MODELS, **CONVS}[case]
+    torch.manual_seed(7)
+    model = factory().to(dtype)
+    x = torch.randn(2, *shape, dtype=dtype)
+    with torch.no_grad():
+        model(x)  # materialise lazy layers
+    want = frozenset({"hessian", "gradient"})
+    out = structured_pass(
+        capture(model), x.reshape(2, -1), lambda t: t.reshape(x.shape), 2, None, want, mode
+    )
+    return out["hessian"], _reference(model.to(DT), x.to(DT), "hessian")
+
+
 @pytest.mark.parametrize("mode", ["gram", "sweep", "taylor"])
 @pytest.mark.parametrize("case", list(MODELS) + list(CONVS))
 def test_every_engine_mode(case: str, mode: str) -> None:
-    factory, shape = {**MODELS, **CONVS}[case]
-    torch.manual_seed(7)
-    model = factory().to(DT)
-    x = torch.randn(2, *shape, dtype=DT)
-    with torch.no_grad():
-        model(x)  # materialise lazy layers
-    out = structured_pass(
-        capture(model),
-        x.reshape(2, -1),
-        lambda t: t.reshape(x.shape),
-        2,
-        None,
-        frozenset({"hessian", "gradient"}),
-        mode,
-    )
-    torch.testing.assert_close(
-        out["hessian"], _reference(model, x, "hessian"), rtol=1e-10, atol=1e-12
-    )
+    got, want = _engine_hessian(case, mode, DT)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_float32_matches_float64() -> None:
@@ -343,24 +342,9 @@ def test_float32_matches_float64() -> None:
 def test_conv_sweep_in_float32(case: str) -> None:
     """float32 convolutions pull back through oneDNN's transposed convolution, float64
     through the convolution's backward kernel: both against the float64 reference."""
-    factory, shape = CONVS[case]
-    torch.manual_seed(7)
-    model = factory()
-    x = torch.randn(2, *shape)
-    with torch.no_grad():
-        model(x)  # materialise lazy layers
-    out = structured_pass(
-        capture(model),
-        x.reshape(2, -1),
-        lambda t: t.reshape(x.shape),
-        2,
-        None,
-        frozenset({"hessian"}),
-        "sweep",
-    )
-    want = _reference(model.to(DT), x.to(DT), "hessian")
+    got, want = _engine_hessian(case, "sweep", torch.float32)
     scale = want.abs().max().item()
-    torch.testing.assert_close(out["hessian"].to(DT), want, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(got.to(DT), want, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_chunked_equals_unchunked() -> None:
