@@ -66,6 +66,8 @@ def test_demo_no_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert result.max_abs_diff <= 1e-4 * scale
     assert result.single_vs_batch_diff <= 1e-4 * scale
     assert result.diag_diff <= 1e-4 * scale
+    assert result.tuning.startswith("settled on ")  # timed after auto has settled
+    assert "settled on" in hesse.demo.format_summary(result)
 
 
 def test_bench_outside_checkout(
