@@ -136,3 +136,26 @@ def test_functions_and_disabled_tuning_are_not_tuned(model: nn.Module) -> None:
         assert "tuning" not in dict(hesse.plan(fresh, x, "hessian", batched=True).estimates)
     finally:
         hesse.set_autotune(True)
+
+
+def test_settle_runs_until_timing_and_watch_are_over(model: nn.Module) -> None:
+    x = torch.randn(16, 3, dtype=DT)
+
+    def note() -> str:
+        return dict(hesse.plan(model, x, "hessian", batched=True).estimates).get("tuning", "")
+
+    seen: list[str] = []
+
+    def call() -> None:
+        hesse.hessian(model, x, batched=True)
+        seen.append(note())
+
+    calls = _tuning.settle(call, note)
+    assert not _tuning.pending(note()) and note().startswith("settled on ")
+    assert any(_tuning.WATCHING in s for s in seen)  # the watch was part of the warm-up
+    rounds = _tuning.MAX_CANDIDATES * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
+    tuner = next(v for k, v in model_cache(model).items() if k[0] == "tune")
+    expected = len(tuner.names) * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
+    assert expected <= calls <= rounds * (1 + _tuning.MAX_RETUNES)
+    assert _tuning.settle(call, lambda: "", limit=5) == 1  # nothing to tune: one call
+    assert _tuning.settle(call, lambda: "timing: a 1 ms", limit=3) == 3  # bounded

@@ -57,22 +57,21 @@ def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepar
                 except hesse.StrategyError as err:
                     raise Unsupported(str(err)) from err
 
-        def tuning_note() -> str:
+        def plan() -> hesse.Plan:
             with _compile(compiled):  # the tuner of the same settings as run()
-                plan = hesse.plan(inst.model, inst.x, quantity=inst.case.quantity, **kwargs)
-            note = dict(plan.estimates).get("tuning", "")
-            return f"auto ran {plan.strategy}" + (f" (tuning {note})" if note else "")
+                return hesse.plan(inst.model, inst.x, quantity=inst.case.quantity, **kwargs)
+
+        def tuning_note() -> str:
+            return dict(plan().estimates).get("tuning", "")
+
+        def describe() -> str:
+            note = tuning_note()
+            return f"auto ran {plan().strategy}" + (f" (tuning {note})" if note else "")
 
         if strategy == "auto":  # auto times its close candidates on its first calls and
             # watches its choice: those calls are warm-up, like JAX's compilation
-            rounds = tuning.MAX_CANDIDATES * (tuning.WARMUP + tuning.TRIALS) + tuning.WATCH
-            for _ in range(rounds):
-                run()
-            for _ in range(rounds * tuning.MAX_RETUNES):  # until a re-timing has settled
-                if "(tuning timing" not in tuning_note():  # settled, or nothing to tune
-                    break
-                run()
-            run.describe = tuning_note  # type: ignore[attr-defined]
+            tuning.settle(run, tuning_note)
+            run.describe = describe  # type: ignore[attr-defined]
         return run
 
     return prepare

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -119,9 +119,39 @@ class Tuner:
     def summary(self) -> str:
         """One line for plans: the shortest time of every timed candidate."""
         parts = [f"{n} {1e3 * min(self.times[n]):.3g} ms" for n in self.names if self.times.get(n)]
-        state = "settled on " + self.best() if self.settled else "timing"
+        state = "settled on " + self.best() if self.settled else TIMING
         again = f" (timed again {self.retunes}x: the choice ran slower)" if self.retunes else ""
-        return f"{state}{again}" + (": " + ", ".join(parts) if parts else "")
+        watch = f" {WATCHING}" if self.watching() else ""
+        return f"{state}{again}{watch}" + (": " + ", ".join(parts) if parts else "")
+
+
+TIMING = "timing"  # how a tuning note in a plan starts while candidates are timed
+WATCHING = "(watching the choice)"  # ... and what it says while the choice is watched
+
+
+def pending(note: str) -> bool:
+    """Whether a plan's tuning note says the tuning is not over (timing, or watching)."""
+    return note.startswith(TIMING) or WATCHING in note
+
+
+def settle(call: Callable[[], object], note: Callable[[], str], limit: int = 64) -> int:
+    """Repeats ``call`` until the tuning it triggers is over (at most ``limit`` calls).
+
+    For timings of the steady state (benchmarks, the demo): the tuning calls are warm-up.
+
+    Args:
+        call: One ``strategy="auto"`` call of the repeated request.
+        note: The request's tuning note (the ``"tuning"`` entry of its plan, "" if none).
+        limit: Most calls.
+
+    Returns:
+        The number of calls made.
+    """
+    for calls in range(1, limit + 1):  # the first call creates the tuner (if any)
+        call()
+        if not pending(note()):
+            return calls
+    return limit
 
 
 def request_key(

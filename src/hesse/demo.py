@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import hesse
+from hesse._tuning import settle
 
 __all__ = ["DemoResult", "PredictedLogit", "build_model", "format_summary", "run_demo"]
 
@@ -244,18 +245,6 @@ def tuning_note(f: nn.Module, xb: Tensor) -> str:
     return dict(hesse.plan(f, xb, "hessian", batched=True).estimates).get("tuning", "")
 
 
-def settle(f: nn.Module, xb: Tensor, limit: int = 40) -> None:
-    """Calls ``hesse.hessian`` until ``"auto"`` has timed its candidates and settled.
-
-    Repeated calls on a module time the close candidates first (see ``hesse._tuning``);
-    the demo reports the steady state after that, as the benchmarks do.
-    """
-    for _ in range(limit):  # the first call creates the tuner (none: nothing to tune)
-        hesse.hessian(f, xb, batched=True, flat=True)
-        if not tuning_note(f, xb).startswith("timing"):
-            return
-
-
 def time_both(
     f: nn.Module, xb: Tensor, *, repeats: int, progress: bool
 ) -> tuple[float, Tensor, float, Tensor]:
@@ -273,7 +262,8 @@ def time_both(
     """
     bar = tqdm(total=2, desc="timing", unit="method", disable=not progress, file=sys.stderr)
     with bar:
-        settle(f, xb)
+        # the first calls of auto time its candidates: report the steady state after them
+        settle(lambda: hesse.hessian(f, xb, batched=True, flat=True), lambda: tuning_note(f, xb))
         t_hesse, h_hesse = median_time(
             lambda: hesse.hessian(f, xb, batched=True, flat=True), repeats
         )

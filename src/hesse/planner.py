@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ._problem import Problem
 from ._quantities import QUANTITIES
+from ._tuning import TIMING
 from .errors import MemoryBudgetError, StrategyError
 from .memory import available_bytes, format_bytes, parse_bytes, profile_forward
 from .strategies import Strategy, get_strategy
@@ -183,10 +184,10 @@ def _prod(shape: tuple[int, ...]) -> int:
 def _choice(estimates: tuple[tuple[str, str], ...]) -> str:
     """Why this candidate runs: requested, cheapest estimate, or timed (see :mod:`._tuning`)."""
     tuned = dict(estimates).get("tuning", "")
-    if tuned.startswith("settled"):
-        return "the fastest of the close candidates when timed"
-    if tuned:
+    if tuned.startswith(TIMING):
         return "the close candidates are being timed, one after the other"
+    if tuned:
+        return "the fastest of the close candidates when timed"
     return "the cheapest candidate" if len(estimates) > 1 else "requested"
 
 
