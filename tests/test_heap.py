@@ -7,7 +7,7 @@ import platform
 import pytest
 
 import hesse
-from hesse import _heap
+from hesse import heap as _heap
 
 
 @pytest.mark.skipif(

@@ -17,16 +17,26 @@ from torch import nn
 from torch.func import hessian, jacrev, vmap
 
 import hesse
-from hesse.structured import capture, structured_pass
-from hesse.structured.rules import (
+from hesse.engine import graph_cost, structured_pass
+from hesse.engine.rules import (
     BILINEAR_OPS,
     DIVISION_OPS,
     LINEAR_OPS,
-    MODULE_NAMES,
     PIECEWISE_LINEAR,
     RULES,
     SMOOTH_ELEMENTWISE,
 )
+from hesse.planning.capture import capture
+
+
+def _pass(f, x: torch.Tensor, batch: int, want, mode: str, index=None) -> dict:
+    """The engine on ``f`` captured at ``x`` (the model's layout), ``batch`` samples."""
+    bound = capture(f, x)
+    flat = x.reshape(batch, -1)
+    return structured_pass(
+        bound.graph, bound.inputs, flat, lambda t: t.reshape(x.shape), batch, index, want, mode
+    )
+
 
 DT = torch.float64
 QUANTITIES = ("hessian", "hessian_diag", "laplacian", "jacobian")
@@ -86,11 +96,8 @@ def _check_modes(f, x: torch.Tensor) -> None:
     h = _reference(f, x, "hessian")
     diag = h.diagonal(dim1=-2, dim2=-1)
     refs = {"hessian": h, "diag": diag, "laplacian": diag.sum(-1)}
-    flat = x.reshape(x.shape[0], -1)
     for mode, key in ENGINE_MODES:
-        out = structured_pass(
-            capture(f), flat, lambda t: t.reshape(x.shape), x.shape[0], None, frozenset({key}), mode
-        )
+        out = _pass(f, x, x.shape[0], frozenset({key}), mode)
         torch.testing.assert_close(out[key], refs[key], rtol=1e-10, atol=1e-12, msg=f"{mode} {key}")
 
 
@@ -162,10 +169,23 @@ OP_EXAMPLES = {
     "div": lambda a: torch.div(torch.sin(a), a + 3.0),
     "true_divide": lambda a: torch.true_divide(a, a * a + 1.0),
     "linear": lambda a: torch.tanh(F.linear(a, torch.ones(2, 4, dtype=a.dtype))),
+    "conv1d": lambda a: torch.tanh(
+        F.conv1d(a[:, None, :], torch.ones(2, 1, 2, dtype=a.dtype), None, 1, 1)
+    ).flatten(1),
+    "conv2d": lambda a: torch.tanh(
+        F.conv2d(a.reshape(-1, 1, 2, 2), torch.ones(3, 1, 2, 2, dtype=a.dtype), padding=1)
+    ).flatten(1),
+    "conv3d": lambda a: torch.tanh(
+        F.conv3d(a.reshape(-1, 1, 1, 2, 2), torch.ones(2, 1, 1, 2, 2, dtype=a.dtype))
+    ).flatten(1),
+    "batch_norm": lambda a: torch.tanh(
+        F.batch_norm(a, torch.zeros(4, dtype=a.dtype), torch.ones(4, dtype=a.dtype) * 2.0)
+    ),
 }
+ARGUMENT_RULES = ("linear", "conv1d", "conv2d", "conv3d", "batch_norm")
 
 
-@pytest.mark.parametrize("name", LINEAR_OPS + BILINEAR_OPS + DIVISION_OPS + ("linear",))
+@pytest.mark.parametrize("name", LINEAR_OPS + BILINEAR_OPS + DIVISION_OPS + ARGUMENT_RULES)
 def test_every_op_rule(name: str) -> None:
     assert name in RULES, f"{name} is not registered"
     example = OP_EXAMPLES[name]  # a KeyError here means: add an example for the new rule
@@ -205,9 +225,14 @@ MODULES = {  # module type -> a small layer taking (b, 4) inputs
 }
 
 
-@pytest.mark.parametrize(
-    "module_type", [k for k in RULES if isinstance(k, type)] + list(MODULE_NAMES)
-)
+MODULE_TYPES = [
+    *MODULES, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.Mish, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
+    nn.Flatten, nn.Identity, nn.Dropout,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("module_type", MODULE_TYPES)
 def test_every_module_rule(module_type: type) -> None:
     layer = MODULES[module_type]() if module_type in MODULES else module_type()
     model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(2)).to(DT).eval()
@@ -316,9 +341,7 @@ def _engine_hessian(case: str, mode: str, dtype: torch.dtype) -> tuple[torch.Ten
     with torch.no_grad():
         model(x)  # materialise lazy layers
     want = frozenset({"hessian", "gradient"})
-    out = structured_pass(
-        capture(model), x.reshape(2, -1), lambda t: t.reshape(x.shape), 2, None, want, mode
-    )
+    out = _pass(model, x, 2, want, mode)
     return out["hessian"], _reference(model.to(DT), x.to(DT), "hessian")
 
 
@@ -359,7 +382,7 @@ def test_chunked_equals_unchunked() -> None:
 
 def test_untraceable_model_falls_back_and_plan_says_why() -> None:
     def branchy(x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+        if x.sum() > 0:  # data-dependent control flow: TorchDynamo cannot capture one graph
             return torch.tanh(x).sum()
         return torch.sin(x).sum()
 
@@ -367,7 +390,7 @@ def test_untraceable_model_falls_back_and_plan_says_why() -> None:
     plan = hesse.plan(branchy, x)
     notes = dict(plan.estimates)
     assert plan.strategy != "structured"
-    assert notes["structured"].startswith("n/a: torch.fx could not trace")
+    assert notes["structured"].startswith("n/a: TorchDynamo could not capture the model")
     assert "structured" in str(plan)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: declining is not a fallback
@@ -377,16 +400,68 @@ def test_untraceable_model_falls_back_and_plan_says_why() -> None:
         hesse.hessian(branchy, x, strategy="structured")
 
 
-def test_inplace_model_declines() -> None:
-    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 1)).to(DT)
-    notes = dict(hesse.plan(model, torch.randn(3, dtype=DT)).estimates)
-    assert "in place" in notes["structured"]
+class _InPlace(nn.Module):
+    """In-place ops on intermediates and on a buffer: the engine runs them out of place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 1)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x), inplace=True) + torch.tanh(self.a(x))
+        h.mul_(self.scale)
+        h += torch.sin(x).sum(-1, keepdim=True)
+        return self.b(torch.nn.functional.softplus(h).flatten(1))
 
 
-def test_create_graph_declines() -> None:
+def test_inplace_ops_run_out_of_place() -> None:
+    torch.manual_seed(3)
+    model = _InPlace().to(DT)
+    x = torch.randn(2, 3, dtype=DT)
+    notes = dict(hesse.plan(model, x, batched=True).estimates)
+    assert "MAC" in notes["structured"], notes["structured"]
+    got = hesse.hessian(model, x, batched=True, strategy="structured")
+    torch.testing.assert_close(got, _reference(model, x, "hessian"), rtol=1e-10, atol=1e-12)
+    assert torch.equal(model.scale, torch.ones(4, dtype=DT))
+
+
+def test_write_through_a_view_declines() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        y[0].mul_(2.0)  # changes y through a view: not run out of place
+        return y.sum()
+
+    notes = dict(hesse.plan(f, torch.randn(3, dtype=DT)).estimates)
+    assert "view" in notes["structured"], notes["structured"]
+
+
+@pytest.mark.parametrize("quantity", ["hessian", "hessian_diag", "laplacian"])
+def test_create_graph_through_the_engine(quantity: str) -> None:
+    """Gradients of the engine's result to the input and the weights, against torch.func."""
     model = MODELS["mlp-tanh"][0]().to(DT)
-    with pytest.raises(hesse.StrategyError, match="create_graph"):
-        hesse.hessian(model, torch.randn(4, dtype=DT), strategy="structured", create_graph=True)
+    x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    fn = getattr(hesse, quantity)
+    got = fn(model, x, batched=True, strategy="structured", create_graph=True)
+    params = dict(model.named_parameters())
+
+    def reference(p: dict, z: torch.Tensor) -> torch.Tensor:
+        f = lambda zz: torch.func.functional_call(model, p, (zz,))  # noqa: E731
+        h = vmap(hessian(f))(z)
+        if quantity == "hessian":
+            return h
+        diag = h.diagonal(dim1=-2, dim2=-1)
+        return diag if quantity == "hessian_diag" else diag.sum(-1)
+
+    want = reference(params, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(want)
+    inputs = [x, *params.values()]
+    kw = {"allow_unused": True, "materialize_grads": True}
+    grads = torch.autograd.grad((got * weights).sum(), inputs, **kw)
+    wants = torch.autograd.grad((want * weights).sum(), inputs, **kw)
+    for g, w in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize(
@@ -422,33 +497,35 @@ def test_planner_choices_on_fixed_shapes(case: str, expected: str) -> None:
 
 def test_taylor_mode_runs_without_fallback_on_closed_forms() -> None:
     """Elementwise ops and products of two branches have exact Taylor rules of their own."""
-    from hesse.structured.compute import _taylor
-    from hesse.structured.engine import Seed
+    from hesse.engine.modes import _taylor
+    from hesse.engine.tangents import Seed
 
     torch.manual_seed(8)
     lin = nn.Linear(3, 5).to(DT)
     f = lambda z: torch.tanh(lin(z)) * torch.sigmoid(lin(z)) + lin(z).exp()  # noqa: E731
     x = torch.randn(4, 3, dtype=DT)
-    captured = capture(f)
-    start = next(iter(captured.module.graph.nodes))
+    bound = capture(f, x)
+    seed = Seed(bound.graph.input_node, 3, None)
     h = _reference(f, x, "hessian")
     for key in ("hessian", "diag", "laplacian"):
-        out = _taylor(captured, x, Seed(start, 3, None), 4, None, frozenset({key}))
+        env = bound.graph.env(bound.inputs, x)
+        out = _taylor(bound.graph, env, seed, 4, None, frozenset({key}), False)
         ref = {"hessian": h, "diag": h.diagonal(dim1=-2, dim2=-1)}.get(key)
         ref = h.diagonal(dim1=-2, dim2=-1).sum(-1) if ref is None else ref
         torch.testing.assert_close(out[key], ref, rtol=1e-10, atol=1e-12)
 
 
 def test_taylor_mode_declines_ops_without_closed_form() -> None:
-    from hesse.structured.compute import _taylor
-    from hesse.structured.engine import Seed
-    from hesse.structured.rules.base import NoTaylorRule
+    from hesse.engine.modes import _taylor
+    from hesse.engine.rules.base import NoTaylorRule
+    from hesse.engine.tangents import Seed
 
     norm = nn.LayerNorm(4).to(DT)  # torch's forward-over-forward of layer_norm is wrong
-    captured = capture(lambda z: norm(torch.tanh(z)))
-    start = next(iter(captured.module.graph.nodes))
+    x0 = torch.randn(2, 4, dtype=DT)
+    bound = capture(lambda z: norm(torch.tanh(z)), x0)
+    env = bound.graph.env(bound.inputs, x0)
     with pytest.raises(NoTaylorRule):
-        _taylor(captured, torch.randn(2, 4, dtype=DT), Seed(start, 4, None), 2, None, {"diag"})
+        _taylor(bound.graph, env, Seed(bound.graph.input_node, 4, None), 2, None, {"diag"}, False)
     x = torch.randn(2, 4, dtype=DT)
     got = hesse.laplacian(lambda z: norm(torch.tanh(z)), x, batched=True, strategy="structured")
     want = _reference(lambda z: norm(torch.tanh(z)), x, "laplacian")
@@ -465,13 +542,13 @@ def test_taylor_mode_declines_ops_without_closed_form() -> None:
     ],
 )
 def test_cost_model_picks_the_engine_mode(quantity: str, outputs: int, mode: str) -> None:
-    from hesse.structured import graph_cost
-
     d = 3 if outputs == 3 else 8
     model = nn.Sequential(
         nn.Linear(d, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, outputs)
     )
-    cost = graph_cost(capture(model), torch.randn(1, d), d)
+    x1 = torch.randn(1, d)
+    bound = capture(model, x1)
+    cost = graph_cost(bound.graph, bound.inputs, x1, d, 1)
     assert cost.best(quantity, outputs)[0] == mode
     notes = dict(hesse.plan(model, torch.randn(16, d), quantity, batched=True).estimates)
     assert notes["structured"].endswith(f"MAC ({mode} mode)")
@@ -479,7 +556,7 @@ def test_cost_model_picks_the_engine_mode(quantity: str, outputs: int, mode: str
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's own imports
 def test_compiled_kernels_match_the_reference() -> None:
-    from hesse.structured import kernels
+    from hesse.engine import kernels
 
     torch.manual_seed(9)
     model = nn.Sequential(
@@ -487,20 +564,18 @@ def test_compiled_kernels_match_the_reference() -> None:
     )
     model = model.to(DT)
     x = torch.randn(5, 3, dtype=DT)
-    hesse.set_compile(True)
     kernels._COMPILED.clear()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), hesse.settings(compile=True):
             warnings.simplefilter("error", hesse.HesseWarning)  # compiling must not fail
             _check_modes(model, x)
-        assert set(kernels._COMPILED) == set(kernels.KERNELS)  # every kernel was compiled
+        assert {k[0] for k in kernels._COMPILED} == set(kernels.KERNELS)  # all were compiled
     finally:
-        hesse.set_compile(False)
         kernels._COMPILED.clear()
 
 
 def test_failed_compile_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hesse.structured import kernels
+    from hesse.engine import kernels
 
     def broken(fn, **kwargs):
         def call(*args):
@@ -510,13 +585,16 @@ def test_failed_compile_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(torch, "compile", broken)
     kernels._COMPILED.clear()
-    hesse.set_compile(True)
+    kernels._FAILED.clear()
     try:
         t, d2 = torch.randn(3, 2, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
-        with pytest.warns(hesse.HesseWarning, match="no C\\+\\+ compiler found.*eagerly"):
-            got = kernels.run("taylor_first", d2, t)
-        torch.testing.assert_close(got, d2 * (t * t).sum(0, keepdim=True))
-        assert not kernels._COMPILE  # switched off: no second warning
+        with hesse.settings(compile=True):
+            with pytest.warns(hesse.HesseWarning, match="no C\\+\\+ compiler found.*eagerly"):
+                got = kernels.run("taylor_first", d2, t)
+            torch.testing.assert_close(got, d2 * (t * t).sum(0, keepdim=True))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no second warning: the kernel runs eagerly
+                kernels.run("taylor_first", d2, t)
     finally:
-        hesse.set_compile(False)
         kernels._COMPILED.clear()
+        kernels._FAILED.clear()

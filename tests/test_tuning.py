@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import hessian, vmap
 
 import hesse
-from hesse import _tuning
+from hesse.planning import tuning as _tuning
 
 DT = torch.float64
 
@@ -31,19 +31,11 @@ def test_repeated_calls_settle_on_a_timed_candidate(model: nn.Module) -> None:
         got = hesse.hessian(model, x, batched=True, output=0)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # every call is exact
     plan = hesse.plan(model, x, "hessian", batched=True, output=0)
-    notes = dict(plan.estimates)
-    assert notes["tuning"].startswith("settled on ")
-    tuner = next(v for k, v in model_cache(model).items() if k[0] == "tune")
-    assert tuner.settled and plan.strategy == tuner.best()
-    rounds = _tuning.WARMUP + _tuning.TRIALS
-    assert all(len(t) == rounds for t in tuner.times.values())  # no growth
-
-
-def model_cache(model: nn.Module) -> dict:
-    from hesse._problem import _ANALYSES
-
-    (cache,) = _ANALYSES[model].values()
-    return cache
+    assert plan.tuning is not None and plan.tuning.state == "settled"
+    assert str(plan.tuning).startswith("settled on ")
+    assert plan.strategy == plan.tuning.best
+    counted = _tuning.TRIALS
+    assert all(len(t) == counted for _, t in plan.tuning.times)  # no growth
 
 
 def test_tuner_rotates_then_keeps_the_fastest() -> None:
@@ -93,7 +85,7 @@ def test_a_choice_slower_than_timed_is_timed_again_once() -> None:
         tuner.record("b", t)
     assert not tuner.settled and tuner.retunes == 1 and tuner.times == {}
     assert tuner.order(["a", "b"])[0] == "a"  # candidates timed again from the first
-    assert tuner.summary() == "timing (timed again 1x: the choice ran slower)"
+    assert str(tuner.record_of()) == "timing (timed again 1x: the choice ran slower)"
     for name, ts in {"a": [3.0, 2.0, 2.0], "b": [1.0, 1.5, 1.6]}.items():
         for t in ts:
             tuner.record(name, t)
@@ -103,59 +95,73 @@ def test_a_choice_slower_than_timed_is_timed_again_once() -> None:
     assert tuner.settled and tuner.retunes == _tuning.MAX_RETUNES == 1
 
 
-def test_compile_and_heap_settings_are_tuned_apart(model: nn.Module) -> None:
-    from hesse._problem import build_problem
-
-    problem = build_problem("hesse.hessian", model, torch.randn(4, 3, dtype=DT), 0, True)
-    key = _tuning.request_key(problem, "hessian", None, None, False)
-    hesse.set_compile(True)
-    try:
-        assert _tuning.request_key(problem, "hessian", None, None, False) != key
-    finally:
-        hesse.set_compile(False)
-    assert _tuning.request_key(problem, "hessian", None, None, False) == key
-    if hesse.set_heap_cache("64MiB"):
-        try:
-            assert _tuning.request_key(problem, "hessian", None, None, False) != key
-        finally:
-            hesse.set_heap_cache(None)
-        assert _tuning.request_key(problem, "hessian", None, None, False) == key
+def test_compile_setting_is_tuned_apart(model: nn.Module) -> None:
+    x = torch.randn(4, 3, dtype=DT)
+    for _ in range(2):
+        hesse.hessian(model, x, batched=True, output=0)
+    before = hesse.plan(model, x, "hessian", batched=True, output=0).tuning
+    with hesse.settings(compile=True):
+        fresh = hesse.plan(model, x, "hessian", batched=True, output=0).tuning
+    assert before is not None and fresh is not None
+    assert sum(len(t) for _, t in before.times) > 0 or before.state == "timing"
+    assert fresh.times == ()  # a tuner of its own, nothing timed yet
 
 
-def test_functions_and_disabled_tuning_are_not_tuned(model: nn.Module) -> None:
+def test_uncaptured_models_and_disabled_tuning_are_not_tuned(model: nn.Module) -> None:
     x = torch.randn(8, 3, dtype=DT)
-    f = lambda z: model(z)  # noqa: E731  (plain functions are analysed afresh every call)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return model(z) * (1.0 if float(z.detach().sum()) > -1e9 else 2.0)  # a graph break
+
     for _ in range(3):
         hesse.hessian(f, x, batched=True, output=0)
-    assert "tuning" not in dict(hesse.plan(f, x, "hessian", batched=True, output=0).estimates)
-    hesse.set_autotune(False)
-    try:
+    plan = hesse.plan(f, x, "hessian", batched=True, output=0)
+    assert plan.tuning is None and not plan.captured
+    with hesse.settings(autotune=False):
         fresh = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
         for _ in range(3):
             hesse.hessian(fresh, x, batched=True, output=0)
-        assert "tuning" not in dict(hesse.plan(fresh, x, "hessian", batched=True).estimates)
-    finally:
-        hesse.set_autotune(True)
+        assert hesse.plan(fresh, x, "hessian", batched=True).tuning is None
 
 
 def test_settle_runs_until_timing_and_watch_are_over(model: nn.Module) -> None:
     x = torch.randn(16, 3, dtype=DT)
 
-    def note() -> str:
-        return dict(hesse.plan(model, x, "hessian", batched=True).estimates).get("tuning", "")
+    def record() -> hesse.Tuning | None:
+        return hesse.plan(model, x, "hessian", batched=True).tuning
+
+    def pending() -> bool:
+        current = record()
+        return current is not None and current.pending
 
     seen: list[str] = []
 
     def call() -> None:
         hesse.hessian(model, x, batched=True)
-        seen.append(note())
+        seen.append(record().state)  # type: ignore[union-attr]
 
-    calls = _tuning.settle(call, note)
-    assert not _tuning.pending(note()) and note().startswith("settled on ")
-    assert any(_tuning.WATCHING in s for s in seen)  # the watch was part of the warm-up
+    calls = _tuning.settle(call, pending)
+    assert not pending() and record().state == "settled"  # type: ignore[union-attr]
+    assert "watching" in seen  # the watch was part of the warm-up
     rounds = _tuning.MAX_CANDIDATES * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
-    tuner = next(v for k, v in model_cache(model).items() if k[0] == "tune")
-    expected = len(tuner.names) * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
+    names = len(record().times)  # type: ignore[union-attr]
+    expected = names * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
     assert expected <= calls <= rounds * (1 + _tuning.MAX_RETUNES)
-    assert _tuning.settle(call, lambda: "", limit=5) == 1  # nothing to tune: one call
-    assert _tuning.settle(call, lambda: "timing: a 1 ms", limit=3) == 3  # bounded
+    assert _tuning.settle(call, lambda: False, limit=5) == 1  # nothing to tune: one call
+    assert _tuning.settle(call, lambda: True, limit=3) == 3  # bounded
+
+
+def test_plan_tune_pins_the_fastest(model: nn.Module) -> None:
+    x = torch.randn(8, 3, dtype=DT)
+    plan = hesse.plan(model, x, "hessian", batched=True, output=0, strategy="auto")
+    tuned = plan.tune(x, rounds=2)
+    assert tuned.pinned and tuned.tuning is not None and tuned.tuning.state == "settled"
+    assert tuned.strategy == tuned.tuning.best
+    assert {name for name, _ in tuned.tuning.times} <= set(plan.candidates)
+    torch.testing.assert_close(tuned(x), _reference(model, x), rtol=1e-10, atol=1e-12)
+    # the model changes: the pinned plan plans again and stays right
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    torch.testing.assert_close(tuned(x), _reference(model, x), rtol=1e-10, atol=1e-12)
+    model[1] = nn.Sigmoid()
+    torch.testing.assert_close(tuned(x), _reference(model, x), rtol=1e-10, atol=1e-12)

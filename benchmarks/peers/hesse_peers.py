@@ -18,7 +18,7 @@ from . import Method, Prepared, Unsupported, register
 
 try:
     import hesse
-    from hesse import _tuning as tuning
+    from hesse.planning import tuning
 except ImportError:  # pragma: no cover - hesse is the package under test
     hesse = None
 
@@ -36,11 +36,8 @@ def _call(quantity: str) -> Callable[..., torch.Tensor]:
 
 @contextlib.contextmanager
 def _compile(enabled: bool) -> Iterator[None]:
-    hesse.set_compile(enabled)
-    try:
+    with hesse.settings(compile=enabled):
         yield
-    finally:
-        hesse.set_compile(False)
 
 
 def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepared]:
@@ -61,16 +58,18 @@ def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepar
             with _compile(compiled):  # the tuner of the same settings as run()
                 return hesse.plan(inst.model, inst.x, quantity=inst.case.quantity, **kwargs)
 
-        def tuning_note() -> str:
-            return dict(plan().estimates).get("tuning", "")
+        def pending() -> bool:
+            record = plan().tuning
+            return record is not None and record.pending
 
         def describe() -> str:
-            note = tuning_note()
-            return f"auto ran {plan().strategy}" + (f" (tuning {note})" if note else "")
+            current = plan()
+            note = f" (tuning {current.tuning})" if current.tuning is not None else ""
+            return f"auto ran {current.ran or current.strategy}{note}"
 
         if strategy == "auto":  # auto times its close candidates on its first calls and
             # watches its choice: those calls are warm-up, like JAX's compilation
-            tuning.settle(run, tuning_note)
+            tuning.settle(run, pending)
             run.describe = describe  # type: ignore[attr-defined]
         return run
 
@@ -83,7 +82,7 @@ if hesse is not None:
     register(
         Method(
             "hesse[auto+compile]",
-            'hesse, strategy="auto" with hesse.set_compile(True) (compiled in the warm-up)',
+            'hesse, strategy="auto" under hesse.settings(compile=True) (compiled in the warm-up)',
             "hesse",
             _hesse("auto", compiled=True),
         )

@@ -7,11 +7,6 @@ True
 """
 
 # dense quantities
-# keeping freed memory for reuse (glibc)
-from ._heap import set_heap_cache as set_heap_cache
-
-# tuning of strategy="auto"
-from ._tuning import set_autotune as set_autotune
 from .api import derivatives as derivatives
 from .api import hessian as hessian
 from .api import jacobian as jacobian
@@ -37,20 +32,24 @@ from .errors import StrategyMismatchError as StrategyMismatchError
 from .errors import UnsupportedInputError as UnsupportedInputError
 from .errors import UnsupportedModelError as UnsupportedModelError
 from .errors import ZeroDerivativeWarning as ZeroDerivativeWarning
-from .planner import Plan as Plan
 
-# products and reductions (never form the full Hessian)
-from .products import hessian_diag as hessian_diag
-from .products import hvp as hvp
-from .products import laplacian as laplacian
+# keeping freed memory for reuse (glibc; process-wide by nature)
+from .heap import set_heap_cache as set_heap_cache
+from .planning.plan import Plan as Plan
+from .planning.plan import Tuning as Tuning
+
+# reductions (never form the full Hessian)
+from .reduced import hessian_diag as hessian_diag
+from .reduced import hvp as hvp
+from .reduced import laplacian as laplacian
+
+# per-call settings (autotune, compile), as a context manager
+from .settings import settings as settings
 
 # strategies
 from .strategies import Strategy as Strategy
 from .strategies import available_strategies as available_strategies
 from .strategies import register_strategy as register_strategy
-
-# optional torch.compile of the structured engine's fusable kernels
-from .structured.kernels import set_compile as set_compile
 
 __version__ = "0.1.0"
 
@@ -71,6 +70,7 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "StrategyMismatchError",
+    "Tuning",
     "UnsupportedInputError",
     "UnsupportedModelError",
     "ZeroDerivativeWarning",
@@ -83,7 +83,6 @@ __all__ = [
     "laplacian",
     "plan",
     "register_strategy",
-    "set_autotune",
-    "set_compile",
     "set_heap_cache",
+    "settings",
 ]

@@ -1,9 +1,9 @@
 """The public front: Jacobians, Hessians, their diagonals, Laplacians and HVPs in one call.
 
-Every function validates its arguments, reduces the request to the canonical problem of
-:mod:`hesse._problem`, lets the planner pick a strategy and chunking, runs it through the
-engine, and shapes the result. Shapes, with ``S`` the per-sample input shape and ``Q`` the
-shape of the selected per-sample output (``()`` for one selected element):
+Every function is a thin wrapper: it states the request, and :mod:`hesse.front` plans it
+(or finds the plan of an earlier call on the unchanged model) and runs it. Shapes, with
+``S`` the per-sample input shape and ``Q`` the shape of the selected per-sample output
+(``()`` for one selected element):
 
 ============  ================  =======================================
 quantity      ``flat=False``    ``flat=True``
@@ -24,14 +24,9 @@ from collections.abc import Callable
 
 import torch
 
-from ._engine import execute
-from ._problem import Selection, build_problem
-from ._quantities import QUANTITIES, forward_jacobian
-from ._results import check_options, finish, warn_zero
-from ._tuning import request_key, tuner_for
-from .errors import StrategyError, UnsupportedInputError
-from .planner import Plan, candidate_order, make_plan, measure
-from .strategies import get_strategy
+from .front import plan_of, run
+from .planning.plan import Plan, Request
+from .planning.problem import Selection
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Memory = int | str | None
@@ -75,23 +70,11 @@ def jacobian(
     >>> torch.equal(hesse.jacobian(lambda x: W @ x, torch.ones(2)), W)
     True
     """
-    api = "hesse.jacobian"
-    check_options(api, chunk_size, strategy, batched=batched, flat=flat)
-    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
-    arrays, plan = execute(
-        problem,
-        "jacobian",
-        strategy,
-        chunk_size,
-        max_memory,
-        create_graph=create_graph,
-        progress=progress,
-    )
-    jac = arrays["jacobian"]
-    if forward_jacobian(problem, get_strategy(plan.strategy)):
-        jac = jac.transpose(1, 2)
-    warn_zero(problem, jac, second_order=False)
-    return finish(problem, jac, 1, flat)
+    request = Request(
+        "hesse.jacobian", "jacobian", output, batched, flat, strategy, chunk_size, max_memory,
+        create_graph, progress,
+    )  # fmt: skip
+    return run(request, f, x)
 
 
 def hessian(
@@ -140,20 +123,11 @@ def hessian(
             [0., 0., 4., 0.],
             [0., 0., 0., 0.]])
     """
-    api = "hesse.hessian"
-    check_options(api, chunk_size, strategy, batched=batched, flat=flat)
-    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
-    arrays, _ = execute(
-        problem,
-        "hessian",
-        strategy,
-        chunk_size,
-        max_memory,
-        create_graph=create_graph,
-        progress=progress,
-    )
-    warn_zero(problem, arrays["hessian"], second_order=True)
-    return finish(problem, arrays["hessian"], 2, flat)
+    request = Request(
+        "hesse.hessian", "hessian", output, batched, flat, strategy, chunk_size, max_memory,
+        create_graph, progress,
+    )  # fmt: skip
+    return run(request, f, x)
 
 
 def derivatives(
@@ -191,27 +165,11 @@ def derivatives(
         (flat: ``(m,)``, ``(m, n)``, ``(m, n, n)``, without ``m`` for one element), each
         with a leading ``B`` when batched.
     """
-    api = "hesse.derivatives"
-    check_options(api, chunk_size, strategy, batched=batched, flat=flat)
-    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
-    arrays, _ = execute(
-        problem,
-        "derivatives",
-        strategy,
-        chunk_size,
-        max_memory,
-        create_graph=create_graph,
-        progress=progress,
-    )
-    with torch.no_grad() if not create_graph else torch.enable_grad():
-        value = problem.fn(problem.x)
-    warn_zero(problem, arrays["gradient"], second_order=False)
-    warn_zero(problem, arrays["hessian"], second_order=True)
-    return (
-        finish(problem, value, 0, flat),
-        finish(problem, arrays["gradient"], 1, flat),
-        finish(problem, arrays["hessian"], 2, flat),
-    )
+    request = Request(
+        "hesse.derivatives", "derivatives", output, batched, flat, strategy, chunk_size,
+        max_memory, create_graph, progress,
+    )  # fmt: skip
+    return run(request, f, x)
 
 
 def plan(
@@ -221,14 +179,20 @@ def plan(
     *,
     output: Selection = None,
     batched: bool = False,
+    flat: bool = False,
     strategy: str = "auto",
     chunk_size: int | None = None,
     max_memory: Memory = None,
+    create_graph: bool = False,
+    progress: bool = False,
 ) -> Plan:
-    """The plan a call would follow: strategy, steps, memory estimates and why.
+    """The plan of a call: strategy, steps, memory estimates and why; callable and tunable.
 
-    Runs the same checks as the call itself and one forward pass of one sample (to measure
-    the working set), but computes no derivative.
+    Runs the same checks as the call and probes the model (one forward pass of one sample,
+    kept while the model is unchanged), but computes no derivative. The plan is what the
+    call would run now, with the tuning of earlier calls; ``print(p)`` shows it as a
+    table, ``p(x)`` computes the quantity for an input of the same shape, ``p.tune(x)``
+    times the candidates and returns the plan pinned to the fastest.
 
     Args:
         f: Function or ``nn.Module``.
@@ -237,32 +201,26 @@ def plan(
             ``"hvp"`` or ``"derivatives"``.
         output: As for the call.
         batched: As for the call.
+        flat: As for the call.
         strategy: As for the call.
         chunk_size: As for the call.
         max_memory: As for the call.
+        create_graph: As for the call.
+        progress: As for the call.
 
     Returns:
-        A :class:`Plan`; ``print(plan)`` shows it as a table.
+        A :class:`Plan`.
 
     Raises:
         MemoryBudgetError: The call would not fit in the budget.
+
+    >>> import torch, hesse
+    >>> p = hesse.plan(lambda x: (x**3).sum(), torch.ones(2), "laplacian")
+    >>> p(torch.ones(2))
+    tensor(12.)
     """
-    api = f"hesse.plan({quantity})"
-    if quantity not in QUANTITIES:
-        raise UnsupportedInputError(
-            f"hesse.plan: unknown quantity {quantity!r}; expected one of "
-            f"{', '.join(map(repr, QUANTITIES))}."
-        )
-    check_options(api, chunk_size, strategy, batched=batched)
-    problem = measure(build_problem(api, f, x, output, batched))
-    candidates, estimates = candidate_order(problem, quantity, strategy)
-    if not candidates:
-        raise StrategyError(f"{api}: no strategy can compute this: {dict(estimates)}.")
-    key = request_key(problem, quantity, chunk_size, max_memory, False)
-    tuner = tuner_for(problem, key, candidates) if strategy == "auto" else None
-    if tuner is not None:  # earlier calls timed the close candidates
-        candidates = tuner.order(candidates)
-        estimates = (*estimates, ("tuning", tuner.summary()))
-    return make_plan(
-        problem, quantity, candidates[0], candidates, chunk_size, max_memory, estimates
-    )
+    request = Request(
+        f"hesse.plan({quantity})", quantity, output, batched, flat, strategy, chunk_size,
+        max_memory, create_graph, progress,
+    )  # fmt: skip
+    return plan_of(request, f, x)

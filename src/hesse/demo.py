@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import hesse
-from hesse._tuning import settle
+from hesse.planning.tuning import settle
 
 __all__ = ["DemoResult", "PredictedLogit", "build_model", "format_summary", "run_demo"]
 
@@ -240,9 +240,10 @@ def median_time(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
     return statistics.median(times), result
 
 
-def tuning_note(f: nn.Module, xb: Tensor) -> str:
-    """What ``strategy="auto"`` has timed for these per-sample Hessians ("" if nothing)."""
-    return dict(hesse.plan(f, xb, "hessian", batched=True).estimates).get("tuning", "")
+def tuning_pending(f: nn.Module, xb: Tensor) -> bool:
+    """Whether ``strategy="auto"`` is still timing (or watching) these per-sample Hessians."""
+    record = hesse.plan(f, xb, "hessian", batched=True, flat=True).tuning
+    return record is not None and record.pending
 
 
 def time_both(
@@ -263,7 +264,7 @@ def time_both(
     bar = tqdm(total=2, desc="timing", unit="method", disable=not progress, file=sys.stderr)
     with bar:
         # the first calls of auto time its candidates: report the steady state after them
-        settle(lambda: hesse.hessian(f, xb, batched=True, flat=True), lambda: tuning_note(f, xb))
+        settle(lambda: hesse.hessian(f, xb, batched=True, flat=True), lambda: tuning_pending(f, xb))
         t_hesse, h_hesse = median_time(
             lambda: hesse.hessian(f, xb, batched=True, flat=True), repeats
         )
@@ -331,7 +332,7 @@ def run_demo(
         hessian_shape=tuple(hess.shape),
         batch_shape=tuple(hb.shape),
         hesse_seconds=t_hesse,
-        tuning=tuning_note(f, xb),
+        tuning=str(hesse.plan(f, xb, "hessian", batched=True, flat=True).tuning or ""),
         func_seconds=t_func,
         max_abs_diff=_max_diff(hb, hf),
         max_abs_hessian=float(hf.detach().abs().max()),

@@ -35,14 +35,25 @@ class TensorSink:
         shape: ``(B, items, *tail)``.
         dtype: dtype of the result.
         device: Where the result lives (the input's device).
+        differentiable: Keep the blocks' autograd history (``create_graph=True``);
+            otherwise blocks are detached, so no graph outlives the call.
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        differentiable: bool = False,
+    ):
         self.shape = tuple(shape)
+        self.differentiable = differentiable
         self._data = torch.zeros(self.shape, dtype=dtype, device=device)
 
     def write(self, samples: slice, items: slice | torch.Tensor, block: torch.Tensor) -> None:
         """Stores ``block`` (shape ``(s, r, *tail)``) at ``[samples, items]``."""
+        if not self.differentiable:
+            block = block.detach()
         if isinstance(items, slice):
             self._data[samples, items] = block.to(self._data.dtype)
         else:

@@ -3,8 +3,9 @@
 from . import functorch as functorch
 from . import loop as loop
 from . import structured as structured
+from .base import Capabilities as Capabilities
+from .base import ProductStrategy as ProductStrategy
 from .base import Strategy as Strategy
 from .base import available_strategies as available_strategies
 from .base import get_strategy as get_strategy
-from .base import has_jvps as has_jvps
 from .base import register_strategy as register_strategy

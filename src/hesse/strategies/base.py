@@ -1,63 +1,92 @@
 """The interface every strategy implements, and the registry that holds them.
 
-A strategy knows how to differentiate the canonical function ``F: (b, n) -> (b, m)`` of
-:mod:`hesse._problem` (samples independent) for a block of *work items* at once. Work items
-are stacked along a leading dimension ``r``:
+A strategy differentiates the canonical function ``F: (b, n) -> (b, m)`` of
+:mod:`hesse.planning.problem` (samples independent). There are two kinds, told apart by
+:attr:`Capabilities.whole_samples`:
 
-- ``vjps(F, X, U)``: per-sample vector-Jacobian products ``U_i^T dF/dX``, ``U`` of shape
-  ``(r, b, m)``, result ``(r, b, n)``;
-- ``hvps(F, X, u, V)``: the gradient ``g = u^T dF/dX`` for one cotangent ``u`` of shape
-  ``(b, m)`` shared by the block, and the Hessian-vector products ``H(u . F) V_i``, ``V`` of
-  shape ``(r, b, n)``; results ``(b, n)`` and ``(r, b, n)``. Keeping ``u`` out of the
-  vectorised dimension lets the backward pass be shared (measured 1.6x faster than
-  batching ``u`` along with ``V``);
-- optionally ``jvps(F, X, V)``: Jacobian-vector products ``dF/dX V_i``, result ``(r, b, m)``.
+- *product* strategies compute blocks of work items at once. Work items are stacked
+  along a leading dimension ``r``:
 
-The engine (:mod:`hesse._engine`) turns quantities into work items, chunks them, and writes
+  - ``vjps(F, X, U)``: per-sample vector-Jacobian products ``U_i^T dF/dX``, ``U`` of shape
+    ``(r, b, m)``, result ``(r, b, n)``;
+  - ``hvps(F, X, u, V)``: the gradient ``g = u^T dF/dX`` for one cotangent ``u`` of shape
+    ``(b, m)`` shared by the block, and the Hessian-vector products ``H(u . F) V_i``, ``V``
+    of shape ``(r, b, n)``; results ``(b, n)`` and ``(r, b, n)``. Keeping ``u`` out of the
+    vectorised dimension lets the backward pass be shared;
+  - ``jvps(F, X, V)`` (when :attr:`Capabilities.jvps`): Jacobian-vector products
+    ``dF/dX V_i``, result ``(r, b, m)``;
+
+- *whole-sample* strategies (``compute``) return every array of a sub-batch at once.
+
+The driver (:mod:`hesse.driver`) turns quantities into work items, chunks them, and writes
 the blocks into a sink; strategies never see shapes other than these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from ..errors import StrategyError
 
+if TYPE_CHECKING:
+    from ..planning.problem import Problem
+
 Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a strategy needs of the model, and how it works.
+
+    Attributes:
+        vmap: Needs every op of the model to be batchable by ``torch.func.vmap``.
+        forward_ad: Needs forward-mode AD rules for the model's ops (and their backward).
+        whole_samples: Computes whole per-sample results (``compute``) instead of blocks
+            of products.
+        sequential: Work items run one after another (memory does not grow with ``r``).
+        differentiable: Results can stay in autograd's graph (``create_graph=True``).
+        jvps: Can push tangents forward (cheaper Jacobians when ``n < m``).
+    """
+
+    vmap: bool
+    forward_ad: bool
+    whole_samples: bool = False
+    sequential: bool = False
+    differentiable: bool = True
+    jvps: bool = False
 
 
 @runtime_checkable
 class Strategy(Protocol):
-    """A way of computing blocks of vector-Jacobian and Hessian-vector products.
+    """A way of computing derivatives of the canonical problem.
 
     Attributes:
         name: Registry name, e.g. ``"vmap"``.
-        uses_vmap: Needs every op of the model to be batchable by ``torch.func.vmap``.
-        uses_forward_ad: Needs forward-mode AD rules for every op of the model.
+        capabilities: What it needs and how it works.
         memory_factor: Working bytes of one work item of one sample, as a multiple of the
             bytes autograd saves in one forward pass of one sample.
-        sequential: Work items run one after another (memory does not grow with ``r``).
         description: One line for plans and the README.
     """
 
     name: ClassVar[str]
-    uses_vmap: ClassVar[bool]
-    uses_forward_ad: ClassVar[bool]
+    capabilities: ClassVar[Capabilities]
     memory_factor: ClassVar[float]
-    sequential: ClassVar[bool]
     description: ClassVar[str]
 
-    def vjps(self, fn: Fn, x: torch.Tensor, u: torch.Tensor, create_graph: bool) -> torch.Tensor:
-        """Vector-Jacobian products: ``(r, b, m)`` cotangents to ``(r, b, n)``."""
+    def unsupported(self, problem: Problem, quantity: str, create_graph: bool) -> str | None:
+        """Why the strategy declines the request up front (``None``: it accepts)."""
         ...
 
-    def hvps(
-        self, fn: Fn, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, create_graph: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gradient ``(b, n)`` of ``u . F`` and Hessian-vector products ``(r, b, n)``."""
+    def estimate(self, problem: Problem, quantity: str) -> float:
+        """Estimated multiply-adds of the whole call."""
+        ...
+
+    def describe(self, problem: Problem, quantity: str) -> str:
+        """A few words for plans on how it would run (``""``: nothing to add)."""
         ...
 
 
@@ -75,8 +104,15 @@ def register_strategy(strategy: Strategy, *, overwrite: bool = False) -> Strateg
         The strategy, so this can be used as a class decorator on an instance factory.
 
     Raises:
-        StrategyError: The name is taken (and ``overwrite`` is false) or reserved.
+        StrategyError: The name is taken (and ``overwrite`` is false) or reserved, or the
+            object does not implement the protocol.
     """
+    if not isinstance(strategy, Strategy):
+        raise StrategyError(
+            "hesse.register_strategy: expected an object with name, capabilities, "
+            "memory_factor, description, unsupported(), estimate() and describe(), got "
+            f"{type(strategy).__name__}."
+        )
     if strategy.name == "auto":
         raise StrategyError("hesse.register_strategy: the name 'auto' is reserved.")
     if strategy.name in _REGISTRY and not overwrite:
@@ -102,6 +138,36 @@ def available_strategies() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def has_jvps(strategy: Strategy) -> bool:
-    """Whether the strategy can push tangents forward (cheaper Jacobians when n < m)."""
-    return callable(getattr(strategy, "jvps", None))
+# Cost of one work item in forward passes (product strategies), and fixed costs in
+# multiply-add equivalents (Python and dispatch overhead): per vectorised step, and per
+# item for strategies that run items one by one.
+STEP_OVERHEAD = 2e6
+
+
+class ProductStrategy:
+    """Shared defaults of the product strategies: cost from forward passes per item."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    memory_factor: ClassVar[float]
+    description: ClassVar[str]
+    passes_per_item: ClassVar[float] = 5.0
+    item_overhead: ClassVar[float] = 0.0
+
+    def unsupported(self, problem: Problem, quantity: str, create_graph: bool) -> str | None:
+        """Product strategies accept every request."""
+        return None
+
+    def estimate(self, problem: Problem, quantity: str) -> float:
+        """``B * items * passes * F`` plus overheads (``F``: forward multiply-adds)."""
+        from ..quantities import QUANTITIES  # the quantities table imports strategies
+
+        items = QUANTITIES[quantity].items(problem, self)  # type: ignore[arg-type]
+        passes = 2.0 if quantity == "jacobian" else self.passes_per_item
+        per_item = problem.forward_macs * passes
+        overhead = self.item_overhead * items + STEP_OVERHEAD
+        return problem.batch * items * per_item + overhead
+
+    def describe(self, problem: Problem, quantity: str) -> str:
+        """Nothing to add."""
+        return ""

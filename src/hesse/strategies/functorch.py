@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch.func import jvp, vjp, vmap
 
-from .base import Fn, register_strategy
+from .base import Capabilities, Fn, ProductStrategy, register_strategy
 
 # torch scripts its forward-mode decompositions the first time jvp runs, which emits
 # torch's own DeprecationWarning about torch.jit.script; load them once, quietly.
@@ -27,11 +27,8 @@ def _gradient(fn: Fn, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return vjp(fn, x)[1](u)[0]
 
 
-class _FunctorchBase:
+class _FunctorchBase(ProductStrategy):
     """Shared pieces: vector-Jacobian products by ``vmap(vjp)``."""
-
-    uses_vmap: ClassVar[bool] = True
-    sequential: ClassVar[bool] = False
 
     def vjps(self, fn: Fn, x: torch.Tensor, u: torch.Tensor, create_graph: bool) -> torch.Tensor:
         """Vector-Jacobian products, ``(r, b, m)`` to ``(r, b, n)``, one forward pass."""
@@ -48,8 +45,9 @@ class ForwardOverReverse(_FunctorchBase):
     """
 
     name: ClassVar[str] = "vmap"
-    uses_forward_ad: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(vmap=True, forward_ad=True, jvps=True)
     memory_factor: ClassVar[float] = 4.0
+    passes_per_item: ClassVar[float] = 4.0
     description: ClassVar[str] = "forward-over-reverse HVPs, vectorised with torch.func.vmap"
 
     def hvps(
@@ -72,7 +70,7 @@ class ReverseOverReverse(_FunctorchBase):
     """
 
     name: ClassVar[str] = "reverse"
-    uses_forward_ad: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(vmap=True, forward_ad=False)
     memory_factor: ClassVar[float] = 5.0
     description: ClassVar[str] = "reverse-over-reverse HVPs, vectorised with torch.func.vmap"
 

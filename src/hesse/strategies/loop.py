@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Fn, register_strategy
+from .base import Capabilities, Fn, ProductStrategy, register_strategy
 
 
 def _grad(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, create_graph: bool):
@@ -30,14 +30,15 @@ def _grad(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, create_graph: boo
     return g
 
 
-class AutogradLoop:
+class AutogradLoop(ProductStrategy):
     """Row-by-row ``torch.autograd.grad``: the widest operator coverage, the slowest."""
 
     name: ClassVar[str] = "loop"
-    uses_vmap: ClassVar[bool] = False
-    uses_forward_ad: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        vmap=False, forward_ad=False, sequential=True
+    )
     memory_factor: ClassVar[float] = 4.0
-    sequential: ClassVar[bool] = True
+    item_overhead: ClassVar[float] = 5e6
     description: ClassVar[str] = "torch.autograd.grad row by row (no vmap, no forward AD)"
 
     def _leaf(self, x: torch.Tensor) -> torch.Tensor:

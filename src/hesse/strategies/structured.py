@@ -1,7 +1,10 @@
-"""The structured strategy: the engine of :mod:`hesse.structured` behind the registry.
+"""The structured strategy: the engine of :mod:`hesse.engine` behind the registry.
 
-Unlike the product-based strategies it computes whole per-sample results at once
-(``compute``), so the engine chunks it over samples only.
+It runs on the graph TorchDynamo captured of the model (:mod:`hesse.planning.capture`),
+with the current values of the parameters and buffers the graph reads. Unlike the
+product-based strategies it computes whole per-sample results at once (``compute``), so
+the driver chunks it over samples only. Each sub-batch shape is captured on its own (the
+graph bakes shapes in); the captures share TorchDynamo's guards with the model.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from typing import ClassVar
 
 import torch
 
-from .._problem import Problem
-from ..structured import CaptureError, capture, graph_cost, structured_pass
-from .base import register_strategy
+from ..engine import CaptureError, GraphCost, graph_cost, structured_pass
+from ..planning.capture import Bound, capture
+from ..planning.problem import Problem
+from .base import Capabilities, register_strategy
 
 WANTS: dict[str, frozenset[str]] = {
     "jacobian": frozenset({"jacobian"}),
@@ -24,14 +28,45 @@ WANTS: dict[str, frozenset[str]] = {
 }
 
 
+def _model_shape(problem: Problem, s: int) -> tuple[int, ...]:
+    return (s, *problem.in_shape) if problem.batched else tuple(problem.in_shape)
+
+
+def _bound(problem: Problem, x: torch.Tensor) -> Bound:
+    """The capture of the model at the sub-batch ``x`` ``(s, n)``."""
+    if problem.model is None:
+        raise CaptureError("no model to capture")
+    if problem.anchor is not None and x.shape[0] == problem.batch:
+        return problem.anchor
+    return capture(problem.model, x.detach().reshape(_model_shape(problem, x.shape[0])))
+
+
+def cost(problem: Problem) -> GraphCost:
+    """The engine's cost facts of the problem's capture (derived once per capture).
+
+    Raises:
+        CaptureError: The model was not captured, or the engine cannot run it.
+    """
+    bound = problem.anchor
+    if bound is None:
+        raise CaptureError(problem.capture_failure or "the model was not captured")
+    graph = bound.graph  # raises the capture's reason
+
+    def derive() -> GraphCost:
+        x = problem.x.reshape(_model_shape(problem, problem.batch))
+        return graph_cost(graph, bound.inputs, x, problem.n, problem.batch)
+
+    return problem.fact("graph_cost", derive)
+
+
 class Structured:
     """Per-layer rules on the captured graph: ``H = sum_k J_k^T M_k J_k``, no autograd loop."""
 
     name: ClassVar[str] = "structured"
-    uses_vmap: ClassVar[bool] = True
-    uses_forward_ad: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        vmap=False, forward_ad=False, whole_samples=True, sequential=False, differentiable=True
+    )
     memory_factor: ClassVar[float] = 3.0
-    sequential: ClassVar[bool] = False
     description: ClassVar[str] = (
         "structured engine: tangents through the captured graph, per-layer Hessian terms"
     )
@@ -40,51 +75,55 @@ class Structured:
         """Why this strategy cannot run the request, or ``None`` if it can."""
         if quantity not in WANTS:
             return f"computes {', '.join(WANTS)} only, not {quantity}"
-        if create_graph:
-            return "does not keep a graph (create_graph=True)"
-        if problem.model is None:
-            return "no model to capture"
         try:
-            capture(problem.model)
+            cost(problem)
         except CaptureError as exc:
             return str(exc)
         return None
 
     def estimate(self, problem: Problem, quantity: str) -> float:
-        """Estimated multiply-adds of the call (see :mod:`hesse.structured.cost`)."""
-        if "graph_cost" not in problem.cache:
-            shape = (1, *problem.in_shape) if problem.batched else problem.in_shape
-            x1 = problem.x[:1].reshape(shape)
-            captured = capture(problem.model)  # type: ignore[arg-type]
-            problem.cache["graph_cost"] = graph_cost(captured, x1, problem.n)
-        cost = problem.cache["graph_cost"]
-        _, macs = cost.best(quantity, problem.m)
-        return problem.batch * macs + cost.overhead(quantity, problem.m)
+        """Estimated multiply-adds of the call (see :mod:`hesse.engine.cost`)."""
+        graph_cost_ = cost(problem)
+        _, macs = graph_cost_.best(quantity, problem.m)
+        return problem.batch * macs + graph_cost_.overhead(quantity, problem.m)
 
     def describe(self, problem: Problem, quantity: str) -> str:
-        """The engine mode the cost model picks, for plans (after :meth:`estimate`)."""
-        mode, _ = problem.cache["graph_cost"].best(quantity, problem.m)
+        """The engine mode the cost model picks, for plans."""
+        mode, _ = cost(problem).best(quantity, problem.m)
         return f"{mode} mode"
 
+    def sample_bytes(self, problem: Problem, quantity: str) -> int:
+        """Working bytes of one sample: its tangents (and Hessian terms) in the engine."""
+        graph_cost_ = cost(problem)
+        mode, _ = graph_cost_.best(quantity, problem.m)
+        return int(graph_cost_.sample_bytes(quantity, problem.m, mode, problem.x.element_size()))
+
     def compute(
-        self, problem: Problem, quantity: str, x: torch.Tensor, v: torch.Tensor | None = None
+        self,
+        problem: Problem,
+        quantity: str,
+        x: torch.Tensor,
+        v: torch.Tensor | None = None,
+        create_graph: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Arrays for the sinks, ``(s, items, *tail)``, for the sub-batch ``x`` ``(s, n)``.
 
         ``v`` (``(s, n)``) is the direction of an ``hvp`` call.
         """
         s = x.shape[0]
-        shape = (s, *problem.in_shape) if problem.batched else tuple(problem.in_shape)
-        self.estimate(problem, quantity)  # fills the graph cost in the problem's cache
-        mode, _ = problem.cache["graph_cost"].best(quantity, problem.m)
+        shape = _model_shape(problem, s)
+        mode, _ = cost(problem).best(quantity, problem.m)
+        bound = _bound(problem, x)
         out = structured_pass(
-            capture(problem.model),  # type: ignore[arg-type]  # checked by unsupported()
+            bound.graph,
+            bound.inputs,
             x,
             lambda t: t.reshape(shape),
             s if problem.batched else 1,
             problem.index,
             WANTS[quantity],
             mode,
+            differentiable=create_graph,
         )
         if quantity == "hvp" and v is not None:
             return {"hvp": torch.einsum("bmij,bj->bmi", out["hessian"], v)}

@@ -85,9 +85,8 @@ class ElementwiseRule(Rule):
             site.state = None
             return super().tangent(site)
         closed = CLOSED_FORMS.get(self.name) if self.call_is_plain(site) else None
-        a = site.inputs[0]
-        with torch.no_grad():
-            d1, d2 = closed(a, site.output, site.call) if closed else derivatives(site.fn, a)
+        a = site.inputs[0]  # the caller's grad mode decides whether d1, d2 keep a graph
+        d1, d2 = closed(a, site.output, site.call) if closed else derivatives(site.fn, a)
         site.state = (d1, d2)
         return d1 * site.tangents[0]
 

@@ -1,8 +1,9 @@
 """The structured engine: per-layer rules on a captured graph of the model."""
 
-from .capture import CaptureError as CaptureError
-from .capture import capture as capture
-from .compute import structured_pass as structured_pass
 from .cost import GraphCost as GraphCost
 from .cost import graph_cost as graph_cost
+from .graph import CaptureError as CaptureError
+from .graph import Graph as Graph
+from .graph import build_graph as build_graph
+from .modes import structured_pass as structured_pass
 from .rules import register_rule as register_rule

@@ -15,23 +15,23 @@ so the choice is watched: if its next :data:`WATCH` calls take, at the median, m
 :data:`RETUNE` times what it was timed at, the candidates are timed once more (at most
 :data:`MAX_RETUNES` times per request).
 
-Only module calls are tuned (plain functions are re-analysed every call, see NOTE:
-[analysis cache]). ``hesse.set_autotune(False)`` turns it off: ``"auto"`` then always runs
-the cheapest estimate.
+Tuning is kept on TorchDynamo's capture of the model (see :mod:`hesse.planning.capture`),
+so it lasts as long as the model is unchanged; models that cannot be captured are not
+tuned. ``hesse.settings(autotune=False)`` turns it off: ``"auto"`` then always runs the
+cheapest estimate. ``Plan.tune`` times the candidates explicitly.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ._heap import heap_cache
-from ._problem import Problem
-from .structured import kernels
+from .plan import Tuning
 
 # Multiply-adds miss memory traffic: on a 2-core CPU the row-by-row loop (small, cached
 # working sets) ties the structured engine on PINN Hessians estimated 4-5x dearer.
@@ -42,18 +42,6 @@ MAX_CANDIDATES = 4
 WATCH = 3  # calls of the settled choice compared with its timing
 RETUNE = 1.5  # ... and re-timed when their median is this much slower
 MAX_RETUNES = 1
-
-_ENABLED = True
-
-
-def set_autotune(enabled: bool) -> None:
-    """Turns online tuning of ``strategy="auto"`` on (the default) or off.
-
-    Args:
-        enabled: Whether repeated calls time the close candidates and keep the fastest.
-    """
-    global _ENABLED
-    _ENABLED = bool(enabled)
 
 
 @dataclass
@@ -116,32 +104,22 @@ class Tuner:
         if name in self.names and len(self.names) > 1:
             self.names.remove(name)
 
-    def summary(self) -> str:
-        """One line for plans: the shortest time of every timed candidate."""
-        parts = [f"{n} {1e3 * min(self.times[n]):.3g} ms" for n in self.names if self.times.get(n)]
-        state = "settled on " + self.best() if self.settled else TIMING
-        again = f" (timed again {self.retunes}x: the choice ran slower)" if self.retunes else ""
-        watch = f" {WATCHING}" if self.watching() else ""
-        return f"{state}{again}{watch}" + (": " + ", ".join(parts) if parts else "")
+    def record_of(self) -> Tuning:
+        """The timings as an immutable record for plans."""
+        state = "timing" if not self.settled else "watching" if self.watching() else "settled"
+        times = tuple((n, tuple(self.counted(n))) for n in self.names if self.times.get(n))
+        return Tuning(state, times, self.best(), self.retunes)
 
 
-TIMING = "timing"  # how a tuning note in a plan starts while candidates are timed
-WATCHING = "(watching the choice)"  # ... and what it says while the choice is watched
-
-
-def pending(note: str) -> bool:
-    """Whether a plan's tuning note says the tuning is not over (timing, or watching)."""
-    return note.startswith(TIMING) or WATCHING in note
-
-
-def settle(call: Callable[[], object], note: Callable[[], str], limit: int = 64) -> int:
+def settle(call: Callable[[], object], pending: Callable[[], bool], limit: int = 64) -> int:
     """Repeats ``call`` until the tuning it triggers is over (at most ``limit`` calls).
 
     For timings of the steady state (benchmarks, the demo): the tuning calls are warm-up.
 
     Args:
         call: One ``strategy="auto"`` call of the repeated request.
-        note: The request's tuning note (the ``"tuning"`` entry of its plan, "" if none).
+        pending: Whether the request's tuning is still going on (timing or watching),
+            e.g. ``lambda: hesse.plan(f, x).tuning_pending``.
         limit: Most calls.
 
     Returns:
@@ -149,43 +127,35 @@ def settle(call: Callable[[], object], note: Callable[[], str], limit: int = 64)
     """
     for calls in range(1, limit + 1):  # the first call creates the tuner (if any)
         call()
-        if not pending(note()):
+        if not pending():
             return calls
     return limit
 
 
-def request_key(
-    problem: Problem, quantity: str, chunk_size: int | None, max_memory: object, graph: bool
-) -> tuple:
-    """What identifies a repeated request besides the module and the input layout."""
-    options = (chunk_size, str(max_memory), graph, kernels.compiling(), heap_cache())
-    return ("tune", problem.batch, problem.m, quantity, *options)
-
-
 def tuner_for(
-    problem: Problem,
+    lock: threading.Lock,
+    facts: dict,
     key: tuple,
     ordered: Sequence[str],
-    costs: dict[str, float] | None = None,
+    costs: dict[str, float],
 ) -> Tuner | None:
-    """The tuner of this request, or None when there is nothing to tune.
+    """The tuner of a repeated request on one capture, or None when there is nothing to tune.
 
     Args:
-        problem: The canonical problem (its analysis cache holds the tuner).
-        key: From :func:`request_key`.
+        lock: The capture's lock (held while the tuner is created).
+        facts: The capture's facts, where the tuner is kept.
+        key: The request's key (:meth:`hesse.planning.plan.Request.key`) and settings.
         ordered: Candidates, cheapest estimate first.
-        costs: Their estimates; None only looks an existing tuner up.
+        costs: Their estimates.
     """
-    if not _ENABLED or not problem.cache_persistent or len(ordered) < 2:
+    if len(ordered) < 2:
         return None
-    full_key = key
-    tuner = problem.cache.get(full_key)
-    if tuner is None:
-        if costs is None:
-            return None
-        cheapest = costs[ordered[0]]
-        close = [n for n in ordered if costs[n] <= FACTOR * cheapest][:MAX_CANDIDATES]
-        tuner = problem.cache[full_key] = Tuner(close)
+    with lock:
+        tuner = facts.get(("tuner", key))
+        if tuner is None:
+            cheapest = costs[ordered[0]]
+            close = [n for n in ordered if costs[n] <= FACTOR * cheapest][:MAX_CANDIDATES]
+            tuner = facts[("tuner", key)] = Tuner(close)
     return tuner if len(tuner.names) > 1 else None
 
 

@@ -19,12 +19,11 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
-from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .capture import Captured, CaptureError, Step, start_env
+from .graph import CaptureError, Graph, Step
 from .rules import Site
-from .rules.affine import LinearRule
+from .rules.affine import ConvRule, LinearRule
 from .rules.base import Pairs
 
 RESHAPES = {"flatten", "view", "reshape", "contiguous", "identity"}
@@ -39,23 +38,32 @@ class Seed:
     matrix: torch.Tensor | None  # (n1, n): dz1/dx for the bottleneck
 
 
-def find_seed(captured: Captured, n: int) -> Seed:
-    """The input node, or the first Linear layer if it narrows ``n`` to fewer features."""
-    node = next(iter(captured.module.graph.nodes))
-    steps = {s.node: s for s in captured.steps}
+def find_seed(graph: Graph, env: dict, n: int) -> Seed:
+    """The input node, or the first Linear layer if it narrows ``n`` to fewer features.
+
+    Args:
+        graph: The captured model.
+        env: Its environment (the weight is read from it).
+        n: Inputs per sample.
+    """
+    node = graph.input_node
+    steps = {s.node: s for s in graph.steps}
     start = node
     while len(node.users) == 1:
         user = next(iter(node.users))
         step = steps.get(user)
         if step is None:
             break
+        if step.constant:
+            break
         if step.rule.name in RESHAPES and user.args and user.args[0] is node:
             node = user
             continue
-        if isinstance(step.rule, LinearRule) and isinstance(step.call, nn.Linear):
-            weight = step.call.weight
-            if weight.shape[0] < n and weight.shape[1] == n:
-                return Seed(user, weight.shape[0], weight)
+        if isinstance(step.rule, LinearRule) and user.args and user.args[0] is node:
+            weight = env.get(user.args[1]) if len(user.args) > 1 else None
+            narrows = isinstance(weight, torch.Tensor) and weight.dim() == 2
+            if narrows and weight.shape[0] < n and weight.shape[1] == n:  # type: ignore[union-attr]
+                return Seed(user, weight.shape[0], weight)  # type: ignore[union-attr]
         break
     return Seed(start, n, None)
 
@@ -122,24 +130,23 @@ def _identity_tangent(d: int, like: torch.Tensor) -> torch.Tensor:
     return eye.expand(like.shape[0], *eye.shape).contiguous().transpose(0, 1)
 
 
-def _needed(captured: Captured, keep_linear: bool, jacobian: bool) -> set[fx.Node]:
+def _needed(graph: Graph, keep_linear: bool, jacobian: bool) -> set[fx.Node]:
     """Nodes whose tangents some rule reads: inputs of curved nodes and their ancestors.
 
     The tangent of the output is only needed for Jacobians; the reverse sweep needs all.
     """
-    out_node = next(n for n in reversed(captured.module.graph.nodes) if n.op == "output").args[0]
-    needed: set[fx.Node] = {out_node} if jacobian and isinstance(out_node, fx.Node) else set()
-    for step in reversed(captured.steps):
+    needed: set[fx.Node] = {graph.output_node} if jacobian else set()
+    for step in reversed(graph.steps):
         if keep_linear or not step.rule.linear or step.node in needed:
             needed.update(step.node.all_input_nodes)
             needed.add(step.node)
     return needed
 
 
-def _last_uses(captured: Captured) -> dict[fx.Node, list[fx.Node]]:
+def _last_uses(graph: Graph) -> dict[fx.Node, list[fx.Node]]:
     """For every step's node, the nodes whose tangents are not read after it."""
     last: dict[fx.Node, fx.Node] = {}
-    for step in captured.steps:
+    for step in graph.steps:
         for node in step.node.all_input_nodes:
             last[node] = step.node
     free: dict[fx.Node, list[fx.Node]] = {}
@@ -169,12 +176,13 @@ class Pass:
 
 
 def forward(
-    captured: Captured,
-    x: torch.Tensor,
+    graph: Graph,
+    env: dict,
     seed: Seed,
     keep_linear: bool = False,
     jacobian: bool = True,
     taylor: tuple[Pairs] | None = None,
+    differentiable: bool = False,
 ) -> Pass:
     """Evaluates the graph on ``x`` and pushes tangents through every node.
 
@@ -182,27 +190,31 @@ def forward(
     reader (the records keep those of the curved nodes' inputs).
 
     Args:
-        captured: The captured model.
-        x: Input in the model's own layout (requiring grad for the backward sweeps).
+        graph: The captured model.
+        env: Its inputs bound (:meth:`Graph.env`): the model's input in its own layout
+            (requiring grad for the backward sweeps) and every tensor the graph reads.
         seed: Where tangents start.
         keep_linear: Record linear nodes too (the reverse sweep needs every node).
         jacobian: Whether the caller reads the output's tangent (zeros are returned
             otherwise).
         taylor: ``(pairs,)`` to push second-order coefficients forward too (see NOTE:
             [Taylor mode] in :mod:`.rules.base`); only from the input (no bottleneck).
+        differentiable: Keep tangents and coefficients in autograd's graph
+            (``create_graph=True``).
     """
-    placeholder, env = start_env(captured, x)
-    out_node = next(n for n in reversed(captured.module.graph.nodes) if n.op == "output").args[0]
+    placeholder, out_node = graph.input_node, graph.output_node
+    x = env[placeholder]
     tangents: dict[fx.Node, torch.Tensor] = {}
     records: list[Record] = []
-    needed = _needed(captured, keep_linear, jacobian)
-    free = _last_uses(captured)
+    needed = _needed(graph, keep_linear, jacobian)
+    free = _last_uses(graph)
+    grad_mode = torch.enable_grad if differentiable else torch.no_grad
     identity: set[fx.Node] = set()
     coeffs: dict[fx.Node, torch.Tensor | None] = {}
     if seed.matrix is None:
         tangents[placeholder] = _identity_tangent(seed.d, x)
         identity.add(placeholder)
-    for step in captured.steps:
+    for step in graph.steps:
         values, spec, varying, inputs_t, input_nodes = _inputs(step, env, tangents)
         args, kwargs = tree_unflatten(values, spec)
         out = step.call(*args, **kwargs)
@@ -210,7 +222,7 @@ def forward(
         if step.node is seed.node and seed.matrix is not None:
             tangents[step.node] = _identity_tangent(seed.d, out)
             continue
-        if not varying or step.node not in needed:
+        if not varying or step.node not in needed or step.constant:
             continue
         _check_tensor_output(step, out)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
@@ -219,7 +231,9 @@ def forward(
         site.identity = len(input_nodes) == 1 and input_nodes[0] in identity
         if isinstance(step.rule, LinearRule):
             site.state = step.rule.weight(tuple(values))
-        with torch.no_grad():
+        elif isinstance(step.rule, ConvRule):
+            site.state = step.rule.options(args, kwargs)
+        with grad_mode():
             tangents[step.node] = _push(step, site)
             if taylor is not None:
                 given = tuple(coeffs.get(node) for node in input_nodes)
@@ -239,7 +253,7 @@ def forward(
             if node is not out_node:
                 tangents.pop(node, None)
                 coeffs.pop(node, None)
-    if not isinstance(out_node, fx.Node) or not isinstance(env.get(out_node), torch.Tensor):
+    if not isinstance(env.get(out_node), torch.Tensor):
         raise CaptureError("the captured model does not return one tensor")
     value = env[out_node]
     tangent = tangents.get(out_node)

@@ -8,16 +8,80 @@ import warnings
 
 import torch
 
-from ._problem import Problem
 from .errors import (
+    NonFiniteError,
     NonFiniteResultWarning,
     PiecewiseLinearWarning,
     UnsupportedInputError,
     ZeroDerivativeWarning,
 )
+from .planning.plan import Request
+from .planning.problem import Problem
+
+QUANTITY_NAMES = ("jacobian", "hessian", "hessian_diag", "laplacian", "hvp", "derivatives")
+
+
+def check_request(request: Request) -> None:
+    """Checks a request's options (types and ranges) before anything runs.
+
+    Raises:
+        UnsupportedInputError: An option of the wrong type or out of range.
+    """
+    if request.quantity not in QUANTITY_NAMES:
+        raise UnsupportedInputError(
+            f"{request.api}: unknown quantity {request.quantity!r}; expected one of "
+            f"{', '.join(map(repr, QUANTITY_NAMES))}."
+        )
+    check_options(
+        request.api,
+        request.chunk_size,
+        request.strategy,
+        batched=request.batched,
+        flat=request.flat,
+        create_graph=request.create_graph,
+        progress=request.progress,
+    )
+
+
+def direction(api: str, v: object, x: torch.Tensor, flat_x: torch.Tensor) -> torch.Tensor:
+    """Checks ``v`` against ``x`` and flattens it like the problem's input: ``(B, n)``.
+
+    Raises:
+        UnsupportedInputError: ``v`` is not a real floating tensor shaped like ``x``.
+        NonFiniteError: ``v`` holds NaN or Inf.
+    """
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        got = type(v).__name__ if not isinstance(v, torch.Tensor) else f"dtype {v.dtype}"
+        raise UnsupportedInputError(
+            f"{api}: expected v to be a real floating tensor shaped like x, got {got}."
+        )
+    if v.shape != x.shape:
+        raise UnsupportedInputError(
+            f"{api}: expected v of the same shape as x, {tuple(x.shape)}, got "
+            f"{tuple(v.shape)}. For a batch, pass one direction per sample."
+        )
+    if v.device.type == "meta" or not bool(torch.isfinite(v.detach()).all()):
+        raise NonFiniteError(
+            f"{api}: v holds NaN/Inf entries (or no values); pass a finite direction."
+        )
+    return v.to(device=flat_x.device, dtype=flat_x.dtype).reshape(flat_x.shape)
+
+
+def empty_result(problem: Problem, request: Request):
+    """The result for a batch of zero samples: empty tensors of the documented shapes."""
+    dims = {"jacobian": 1, "hessian": 2, "hessian_diag": 1, "laplacian": 0, "hvp": 1}
+    empty = problem.x.new_zeros((0,))
+    if request.quantity == "derivatives":
+        return tuple(finish(problem, empty, k, request.flat) for k in (0, 1, 2))
+    return finish(problem, empty, dims[request.quantity], request.flat)
 
 
 def check_options(api: str, chunk_size: int | None, strategy: str, **flags: object) -> None:
+    """Checks ``chunk_size``, ``strategy`` and boolean flags.
+
+    Raises:
+        UnsupportedInputError: A value of the wrong type or out of range.
+    """
     if chunk_size is not None and (
         not isinstance(chunk_size, numbers.Integral)
         or isinstance(chunk_size, bool)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import (
+from ..errors import (
     BatchCouplingError,
     DeviceMismatchError,
     NonDeterministicModelError,
@@ -71,6 +71,11 @@ def check_input(api: str, x: object, batched: bool) -> torch.Tensor:
             f"{api}: input x has dtype {x.dtype}; derivatives need a floating dtype. "
             "Cast with x.float() or x.double(); integer inputs such as token ids cannot "
             "be differentiated."
+        )
+    if x.device.type == "meta":
+        raise UnsupportedInputError(
+            f"{api}: x is a meta tensor (shape {tuple(x.shape)}, no values); derivatives "
+            "depend on the values. Create x on a real device, e.g. torch.randn(shape)."
         )
     if batched and x.dim() == 0:
         raise UnsupportedInputError(
@@ -169,29 +174,90 @@ def check_output(api: str, out: object, batch: int | None) -> torch.Tensor:
     return out
 
 
-def check_independent(api: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
-    """Probes that samples do not influence each other: ``f(x[:2])[i] == f(x[i:i+1])``.
+def check_independent(
+    api: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> bool:
+    """Checks that samples do not influence each other, on the real batch.
+
+    Every pair of samples differs in some bit of their indices. For each bit ``k`` the
+    samples whose bit is 1 (then those whose bit is 0) are perturbed, and the outputs of
+    the others must not move: ``2 ceil(log2 B)`` forward passes find any coupling between
+    any two samples, at any batch size.
 
     Args:
         api: The public call, for messages.
         fn: The batched function, ``(b, n) -> (b, m)``.
         x: The flattened batch, shape ``(B, n)`` with ``B >= 2``.
 
+    Returns:
+        True (the samples are independent).
+
     Raises:
-        BatchCouplingError: The outputs differ beyond rounding.
+        BatchCouplingError: An output moved beyond rounding.
     """
+    batch = x.shape[0]
+    ids = torch.arange(batch, device=x.device)
+    gen = torch.Generator(device=x.device).manual_seed(0)
     with torch.no_grad():
-        pair = fn(x[:2])
-        alone = torch.cat([fn(x[:1]), fn(x[1:2])])
-    tol = (1e-4 if pair.dtype == torch.float32 else 1e-9) * max(1.0, float(alone.abs().max()))
-    gap = float((pair - alone).abs().max()) if pair.numel() else 0.0
-    if gap > tol:
-        raise BatchCouplingError(
-            f"{api}: with batched=True the samples must be independent, but f(x[:2]) differs "
-            f"from f applied to each sample alone by {gap:.3g} (tolerance {tol:.1g}): the "
-            "model mixes samples (batch statistics, attention over the batch, ...). "
-            "Compute one sample at a time with batched=False, or fix the model."
-        )
+        base = fn(x)
+        scale = max(1.0, float(base.abs().max())) if base.numel() else 1.0
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+        noise = noise * (1.0 + x.abs())
+        eps = torch.finfo(base.dtype).eps
+        tol = 64 * eps * scale
+        for k in range(max(1, (batch - 1).bit_length())):
+            bit = ((ids >> k) & 1).bool()
+            for moved in (bit, ~bit):
+                if not bool(moved.any()) or bool(moved.all()):
+                    continue
+                out = fn(torch.where(moved[:, None], x + noise, x))
+                a, b = out[~moved], base[~moved]
+                same = (a - b).abs() <= tol
+                same |= (a == b) | (torch.isnan(a) & torch.isnan(b))
+                if not bool(same.all()):
+                    gap = float((a - b).abs().nan_to_num(float("inf")).max())
+                    fixed = int((~moved).nonzero()[0])
+                    raise BatchCouplingError(
+                        f"{api}: with batched=True the samples must be independent, but "
+                        f"changing other samples of the batch of {batch} changes the output "
+                        f"of sample {fixed} by {gap:.3g} (tolerance {tol:.1g}): the model "
+                        "mixes samples (batch statistics, attention or pooling over the "
+                        "batch, ...). Compute one sample at a time with batched=False, or "
+                        "fix the model."
+                    )
+    return True
+
+
+RANDOM_OPS = (
+    "rand", "randn", "randint", "randperm", "bernoulli", "normal", "multinomial",
+    "poisson", "rrelu", "dropout", "alpha_dropout", "feature_alpha_dropout",
+)  # fmt: skip
+
+
+def check_deterministic(
+    api: str, out: torch.Tensor, again: torch.Tensor | None, random_ops: list[str]
+) -> None:
+    """Refuses a model whose two calls on the same input differ.
+
+    Args:
+        api: The public call, for messages.
+        out: The first call's output.
+        again: The second call's output.
+        random_ops: Random torch functions the calls used (for the message).
+
+    Raises:
+        NonDeterministicModelError: The outputs differ.
+    """
+    if again is None or again.shape != out.shape or torch.equal(out, again):
+        return
+    if bool(torch.isnan(out).any()) and torch.equal(out.nan_to_num(), again.nan_to_num()):
+        return
+    ops = f" ({', '.join(random_ops)})" if random_ops else ""
+    raise NonDeterministicModelError(
+        f"{api}: two calls of f on the same input gave different outputs: the model is "
+        f"random{ops}, and so would be its derivatives. Call model.eval(), pass "
+        "training=False to F.dropout, or draw the noise outside f and close over it."
+    )
 
 
 class OpRecorder(TorchFunctionMode):
@@ -204,6 +270,10 @@ class OpRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.names.add(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
+
+    def random_ops(self) -> list[str]:
+        """The recorded functions that draw random numbers."""
+        return sorted(n for n in self.names if any(n.startswith(r) for r in RANDOM_OPS))
 
     def piecewise_linear(self) -> list[str]:
         """The recorded functions whose second derivative is zero almost everywhere."""

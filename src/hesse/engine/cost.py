@@ -18,11 +18,11 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import Captured, start_env
-from .engine import find_seed
+from .graph import Graph
 from .rules.base import Rule
+from .rules.bilinear import BilinearRule
 from .rules.elementwise import ElementwiseRule
-from .rules.products import BilinearRule
+from .tangents import find_seed
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class GraphCost:
         bottleneck: Whether tangents start at a narrowing Linear layer.
         nodes: Number of captured nodes (per-node overhead).
         taylor: Whether every curved node has a closed Taylor-mode rule.
+        total_size: Entries of all values that carry tangents (per sample).
+        max_size: Entries of the largest of them.
     """
 
     forward_macs: float
@@ -48,6 +50,8 @@ class GraphCost:
     bottleneck: bool
     nodes: int
     taylor: bool = True
+    total_size: int = 0
+    max_size: int = 0
 
     def macs(self, quantity: str, m: int, mode: str = "gram") -> float:
         """Estimated multiply-adds per sample for ``quantity`` with ``m`` outputs.
@@ -86,6 +90,23 @@ class GraphCost:
         per_output = 1e7 * len(self.generic_sizes) if quantity != "jacobian" else 0.0
         return 1.5e6 * self.nodes + m * per_output
 
+    def sample_bytes(self, quantity: str, m: int, mode: str, itemsize: int) -> float:
+        """Working bytes of one sample (an upper estimate): tangents, terms, coefficients.
+
+        Gram and sweep modes keep the tangents of the curved nodes' inputs (at most every
+        value's, ``d * total_size``) and per-output ``d x d`` terms; Taylor mode keeps a
+        few values' tangents and coefficients alive at a time.
+        """
+        d = self.d
+        if mode == "taylor":
+            p = {"laplacian": 1, "hessian_diag": self.n}.get(quantity, self.n * (self.n + 1) // 2)
+            entries = 4 * (self.n + p) * self.max_size + m * p
+        else:
+            entries = d * self.total_size + (2 * d * self.max_size if mode == "sweep" else 0)
+            if quantity not in ("jacobian", "laplacian", "hessian_diag") or self.bottleneck:
+                entries += 3 * m * d * max(d, self.n if self.bottleneck else d)
+        return float(itemsize * (entries + 2 * self.max_size))
+
     def best(self, quantity: str, m: int) -> tuple[str, float]:
         """The cheapest mode for ``quantity`` (the sweep only computes whole Hessians)."""
         whole = quantity in ("hessian", "derivatives", "hvp")
@@ -97,32 +118,39 @@ class GraphCost:
         return mode, costs[mode]
 
 
-def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
-    """Runs the captured graph on one sample (values only) and measures it.
+def graph_cost(graph: Graph, inputs: tuple, x: torch.Tensor, n: int, batch: int) -> GraphCost:
+    """Runs the captured graph (values only) and measures it per sample.
 
     Args:
-        captured: The captured model.
-        x: One sample in the model's input layout.
+        graph: The captured model.
+        inputs: The values of the graph's inputs.
+        x: The input in the model's layout (the shape it was captured at).
         n: Inputs per sample.
+        batch: Samples in ``x`` (sizes are divided by it).
     """
-    seed = find_seed(captured, n)
-    placeholder, env = start_env(captured, x)
-    varying = {seed.node} if seed.matrix is not None else {placeholder}
+    env = graph.env(inputs, x)
+    seed = find_seed(graph, env, n)
+    varying = {seed.node} if seed.matrix is not None else {graph.input_node}
     terms, generic = [], []
     taylor = True
+    total_size = max_size = 0
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        for step in captured.steps:
+        for step in graph.steps:
             leaves, spec = tree_flatten((step.node.args, step.node.kwargs))
             values = [env[v] if isinstance(v, fx.Node) else v for v in leaves]
             args, kwargs = tree_unflatten(values, spec)
             env[step.node] = step.call(*args, **kwargs)
             inputs = [v for v in leaves if isinstance(v, fx.Node) and v in varying]
             out = env[step.node]
-            if not inputs or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            if step.constant or not inputs:
+                continue
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 continue
             varying.add(step.node)
-            size = sum(env[v].numel() for v in inputs)  # type: ignore[union-attr]
+            size = sum(env[v].numel() for v in inputs) // batch  # type: ignore[union-attr]
+            total_size += out.numel() // batch
+            max_size = max(max_size, out.numel() // batch, size)
             if isinstance(step.rule, ElementwiseRule):
                 if step.rule.curvature_on:
                     terms.append(size)
@@ -133,12 +161,14 @@ def graph_cost(captured: Captured, x: torch.Tensor, n: int) -> GraphCost:
             elif isinstance(step.rule, BilinearRule) and len(inputs) > 1:
                 taylor &= len(inputs) == 2 and step.rule.linear_positions is None
     return GraphCost(
-        forward_macs=counter.get_total_flops() / 2,
+        forward_macs=counter.get_total_flops() / 2 / batch,
         term_sizes=tuple(terms),
         generic_sizes=tuple(generic),
         d=seed.d,
         n=n,
         bottleneck=seed.matrix is not None,
-        nodes=len(captured.steps),
+        nodes=len(graph.steps),
         taylor=taylor,
+        total_size=total_size + n,
+        max_size=max(max_size, n),
     )

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._problem import Problem
-from .strategies import Strategy, has_jvps
+from .planning.problem import Problem
+from .strategies import Strategy
 
 
 def one_hot(index: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Quantity:
 
 def forward_jacobian(problem: Problem, strategy: Strategy) -> bool:
     """Push ``n`` tangents forward rather than pull ``m`` cotangents back."""
-    return has_jvps(strategy) and problem.n < problem.m
+    return strategy.capabilities.jvps and problem.n < problem.m
 
 
 def _runs(problem: Problem, work: Work):
@@ -137,7 +137,7 @@ def _diag_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]
 
 def _laplacian_out(p: Problem, st: Strategy) -> dict[str, tuple[int, tuple[int, ...]]]:
     """Whole-result strategies give one Laplacian per output; the others, the diagonal."""
-    if callable(getattr(st, "compute", None)):
+    if st.capabilities.whole_samples:
         return {"laplacian": (p.m, ())}
     return _diag_out(p, st)
 

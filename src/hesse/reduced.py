@@ -6,30 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from ._engine import execute
-from ._problem import Selection, build_problem
-from ._results import check_options, finish, warn_zero
-from .errors import NonFiniteError, UnsupportedInputError
+from .front import run
+from .planning.plan import Request
+from .planning.problem import Selection
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Memory = int | str | None
-
-
-def _flat_v(api: str, v: object, x: torch.Tensor, flat_x: torch.Tensor) -> torch.Tensor:
-    """Checks ``v`` against ``x`` and flattens it like the problem's input: ``(B, n)``."""
-    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-        got = type(v).__name__ if not isinstance(v, torch.Tensor) else f"dtype {v.dtype}"
-        raise UnsupportedInputError(
-            f"{api}: expected v to be a real floating tensor shaped like x, got {got}."
-        )
-    if v.shape != x.shape:
-        raise UnsupportedInputError(
-            f"{api}: expected v of the same shape as x, {tuple(x.shape)}, got "
-            f"{tuple(v.shape)}. For a batch, pass one direction per sample."
-        )
-    if not bool(torch.isfinite(v).all()):
-        raise NonFiniteError(f"{api}: v holds NaN/Inf entries; pass a finite direction.")
-    return v.to(device=flat_x.device, dtype=flat_x.dtype).reshape(flat_x.shape)
 
 
 def hvp(
@@ -62,15 +44,8 @@ def hvp(
     >>> hesse.hvp(lambda x: (x**3).sum(), torch.tensor([1.0, 2.0]), torch.ones(2))
     tensor([ 6., 12.])
     """
-    api = "hesse.hvp"
-    check_options(api, None, strategy, batched=batched, flat=flat)
-    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
-    direction = _flat_v(api, v, x, problem.x)
-    arrays, _ = execute(
-        problem, "hvp", strategy, None, None, v=direction, create_graph=create_graph
-    )
-    warn_zero(problem, arrays["hvp"], second_order=True)
-    return finish(problem, arrays["hvp"], 1, flat)
+    request = Request("hesse.hvp", "hvp", output, batched, flat, strategy, None, None, create_graph)
+    return run(request, f, x, v)
 
 
 def hessian_diag(
@@ -103,20 +78,11 @@ def hessian_diag(
     Returns:
         Shape ``Q + S`` (the shape of ``x`` per selected output), a leading ``B`` if batched.
     """
-    api = "hesse.hessian_diag"
-    check_options(api, chunk_size, strategy, batched=batched, flat=flat)
-    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
-    arrays, _ = execute(
-        problem,
-        "hessian_diag",
-        strategy,
-        chunk_size,
-        max_memory,
-        create_graph=create_graph,
-        progress=progress,
-    )
-    warn_zero(problem, arrays["diag"], second_order=True)
-    return finish(problem, arrays["diag"], 1, flat)
+    request = Request(
+        "hesse.hessian_diag", "hessian_diag", output, batched, flat, strategy, chunk_size,
+        max_memory, create_graph, progress,
+    )  # fmt: skip
+    return run(request, f, x)
 
 
 def laplacian(
@@ -153,21 +119,8 @@ def laplacian(
     >>> hesse.laplacian(lambda x: (x**2).sum(), torch.zeros(3))
     tensor(6.)
     """
-    api = "hesse.laplacian"
-    check_options(api, chunk_size, strategy, batched=batched, flat=flat)
-    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
-    arrays, _ = execute(
-        problem,
-        "laplacian",
-        strategy,
-        chunk_size,
-        max_memory,
-        create_graph=create_graph,
-        progress=progress,
-    )
-    if "laplacian" in arrays:  # whole-result strategies: (B, m)
-        lap = arrays["laplacian"].reshape(problem.batch, problem.m)
-    else:
-        lap = arrays["diag"].reshape(problem.batch, problem.m, problem.n).sum(-1)
-    warn_zero(problem, lap, second_order=True)
-    return finish(problem, lap, 0, flat)
+    request = Request(
+        "hesse.laplacian", "laplacian", output, batched, flat, strategy, chunk_size,
+        max_memory, create_graph, progress,
+    )  # fmt: skip
+    return run(request, f, x)

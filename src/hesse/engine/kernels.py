@@ -7,37 +7,30 @@ fusing them saves whole passes over ``(d, B, I)`` tensors. Measured on the 2-cor
 tangent push and the Gram product are not faster (one pass already; the product is a
 BLAS call), so they stay eager.
 
-Compiling is off by default (``hesse.set_compile(True)`` turns it on): the first call per
-shape and dtype compiles for about a second and needs a C++ compiler on CPU. If
-compiling fails, hesse warns once and runs the kernels eagerly.
+Compiling is off by default (``with hesse.settings(compile=True):`` turns it on): the
+first call per shape and dtype compiles for about a second and needs a C++ compiler on
+CPU. If compiling fails, hesse warns once and runs that kernel eagerly.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
 import torch
 
 from ..errors import HesseWarning
+from ..settings import settings
 
-_COMPILE = False
-_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def set_compile(enabled: bool) -> None:
-    """Runs the structured engine's fusable kernels through ``torch.compile`` (off by default).
-
-    Args:
-        enabled: Whether to compile them (each compiles on its first call per shape).
-    """
-    global _COMPILE
-    _COMPILE = bool(enabled)
+_LOCK = threading.Lock()
+_COMPILED: dict[tuple[str, torch.dtype, str], Callable[..., torch.Tensor]] = {}
+_FAILED: set[str] = set()
 
 
 def compiling() -> bool:
-    """Whether :func:`set_compile` is on (and no compile has failed since)."""
-    return _COMPILE
+    """Whether the calls in this context compile the kernels (``hesse.settings(compile=)``)."""
+    return settings.current().compile
 
 
 def taylor_first(d2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -83,23 +76,27 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def run(name: str, *args: torch.Tensor) -> torch.Tensor:
-    """Runs kernel ``name``, compiled when :func:`set_compile` is on."""
-    global _COMPILE
+    """Runs kernel ``name``, compiled under ``hesse.settings(compile=True)``."""
     fn = KERNELS[name]
-    if not _COMPILE:
+    if not compiling() or name in _FAILED:
         return fn(*args)
-    compiled = _COMPILED.get(name)
-    if compiled is None:
-        compiled = _COMPILED[name] = torch.compile(fn, dynamic=False)
+    with _LOCK:  # one compiled function per kernel, dtype and device type
+        key = (name, args[0].dtype, args[0].device.type)
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            compiled = _COMPILED[key] = torch.compile(fn, dynamic=False)
     try:
         return compiled(*args)
     except Exception as exc:  # no C++ compiler, unsupported backend, ...
-        _COMPILE = False
-        warnings.warn(
-            f"hesse: torch.compile of the structured engine's kernels failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); running them "
-            "eagerly. hesse.set_compile(False) silences this.",
-            HesseWarning,
-            stacklevel=2,
-        )
+        with _LOCK:
+            first = name not in _FAILED
+            _FAILED.add(name)
+        if first:
+            warnings.warn(
+                f"hesse: torch.compile of the structured engine's kernel {name} failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); running it "
+                "eagerly.",
+                HesseWarning,
+                stacklevel=2,
+            )
         return fn(*args)

@@ -17,27 +17,30 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import (
+from ..errors import HesseError, OutputSelectionError, PrecisionWarning, UnsupportedModelError
+from .capture import Bound, try_capture
+from .checks import (
     LOW_PRECISION,
     OpRecorder,
+    check_deterministic,
     check_independent,
     check_input,
     check_module,
     check_output,
 )
-from .errors import OutputSelectionError, PrecisionWarning, UnsupportedModelError
+from .memory import profile_forward
 
 Selection = None | int | tuple | list | slice | torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
     """A derivative request in canonical form.
 
@@ -47,15 +50,20 @@ class Problem:
         x: The flattened input, shape ``(B, n)``, detached unless a graph is wanted.
         batched: Whether the caller's ``x`` had a batch dimension.
         in_shape: Per-sample input shape ``S``.
+        out_shape: Per-sample output shape ``O`` of the model.
         sel_shape: Shape ``Q`` of the selected per-sample output.
         m: Number of selected outputs, ``prod(Q)``.
         piecewise_ops: Piecewise-linear torch functions seen in the probe forward.
         scripted: Whether ``f`` is TorchScript (only the loop strategy applies).
         out_dtype: dtype of the returned result.
-        model: The caller's ``f`` after preparation (unwrapped, upcast), for strategies
-            that read the model's structure.
+        model: The caller's ``f`` after preparation (unwrapped, upcast).
         index: Flat indices of the selected outputs (``None``: all).
-        cache: Per-call memo of strategies (e.g. the structured engine's graph cost).
+        anchor: TorchDynamo's capture of the model at ``x``'s shape, on which facts about
+            the model are kept (see :mod:`hesse.planning.capture`); ``None`` when the
+            model could not be captured (facts are then derived on every call).
+        capture_failure: Why the model could not be captured.
+        saved_bytes: Bytes of activations autograd saves in one forward of one sample.
+        forward_macs: Multiply-adds of one forward pass of one sample.
     """
 
     api: str
@@ -63,14 +71,18 @@ class Problem:
     x: torch.Tensor
     batched: bool
     in_shape: torch.Size
+    out_shape: torch.Size
     sel_shape: tuple[int, ...]
     m: int
-    piecewise_ops: list[str] = field(default_factory=list)
-    scripted: bool = False
-    out_dtype: torch.dtype = torch.float32
-    model: Callable[[torch.Tensor], torch.Tensor] | None = None
-    index: torch.Tensor | None = None
-    cache: dict = field(default_factory=dict)
+    piecewise_ops: tuple[str, ...]
+    scripted: bool
+    out_dtype: torch.dtype
+    model: Callable[[torch.Tensor], torch.Tensor]
+    index: torch.Tensor | None
+    anchor: Bound | None
+    capture_failure: str | None
+    saved_bytes: int
+    forward_macs: float
 
     @property
     def batch(self) -> int:
@@ -78,24 +90,19 @@ class Problem:
         return self.x.shape[0]
 
     @property
-    def cache_persistent(self) -> bool:
-        """Whether :attr:`cache` outlives the call (modules; see NOTE: [analysis cache])."""
-        return isinstance(self.model, nn.Module)
-
-    @property
-    def saved_bytes(self) -> int:
-        """Bytes of activations autograd saves in one forward of one sample (measured)."""
-        return self.cache["profile"][0]
-
-    @property
-    def forward_macs(self) -> float:
-        """Multiply-adds of one forward pass of one sample (measured)."""
-        return self.cache["profile"][1]
-
-    @property
     def n(self) -> int:
         """Number of input entries per sample."""
         return self.x.shape[1]
+
+    def fact(self, key: Hashable, derive: Callable[[], Any]) -> Any:
+        """A fact about the model: kept on the capture, or derived now without one.
+
+        Keys are qualified by the layout (``batched``): one capture serves both readings
+        of an input shape.
+        """
+        if self.anchor is None:
+            return derive()
+        return self.anchor.capture.fact((self.batched, key), derive)
 
 
 def select_outputs(api: str, output: Selection, out_shape: torch.Size, device: torch.device):
@@ -176,29 +183,6 @@ def _flat_from_sequence(api: str, output: list | torch.Tensor) -> list[int]:
     return [int(i) for i in output]
 
 
-# NOTE: [analysis cache] The probes of a call (output shape, piecewise-linear ops, sample
-# independence, working set, multiply-adds, the structured engine's graph cost, whether
-# forward and reverse mode agree) depend on a module's structure, not on the input's
-# values. They are kept per module and per (input shape, dtype, device, batched, training
-# flags), so repeated calls skip them. Plain functions are probed on every call: what they
-# close over may change without hesse seeing it.
-_ANALYSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _analysis(f: Callable, x: torch.Tensor, batched: bool) -> dict:
-    """The probe results of earlier calls with the same module and input layout."""
-    if not isinstance(f, nn.Module):
-        return {}
-    key = (
-        tuple(x.shape[1:] if batched else x.shape),
-        x.dtype,
-        x.device,
-        batched,
-        tuple(m.training for m in f.modules()),
-    )
-    return _ANALYSES.setdefault(f, {}).setdefault(key, {})
-
-
 def _prepare_callable(api: str, f: Callable, x: torch.Tensor, batched: bool) -> Callable:
     """Unwraps compiled modules, upcasts low-precision modules, checks module state."""
     f = getattr(f, "_orig_mod", f)  # torch.compile: differentiate the eager module
@@ -220,8 +204,13 @@ def build_problem(
     output: Selection,
     batched: bool,
     keep_graph: bool = False,
+    capture: bool = True,
 ) -> Problem:
     """Validates a request and builds its canonical :class:`Problem`.
+
+    Facts about the model (its output shape, whether it is deterministic, whether samples
+    are independent, its working set) are derived once per TorchDynamo capture and kept
+    on it; a model that cannot be captured is probed on every call.
 
     Args:
         api: The public call, for messages.
@@ -230,6 +219,8 @@ def build_problem(
         output: Selection of outputs (see :func:`select_outputs`).
         batched: Whether the first dimension of ``x`` indexes independent samples.
         keep_graph: Keep ``x``'s autograd history (for ``create_graph=True``).
+        capture: Capture the model with TorchDynamo (``auto`` and the structured engine
+            need its graph; the other strategies call the model itself).
 
     Returns:
         The problem.
@@ -247,51 +238,89 @@ def build_problem(
         x, out_dtype = x.float(), torch.float32
     in_shape = x.shape[1:] if batched else x.shape
     base = x if keep_graph else x.detach()
-    flat_x = base.reshape(-1 if batched else 1, in_shape.numel()).clone()
-    cache = _analysis(f, x, batched)
-    if "out_shape" not in cache:
-        cache["out_shape"], cache["piecewise"] = _probe(api, f, flat_x, in_shape, batched)
-    out_shape = cache["out_shape"]
+    flat_x = base.reshape(-1 if batched else 1, in_shape.numel())
+    if not keep_graph or not flat_x.requires_grad:
+        flat_x = flat_x.clone()
+    model_x = flat_x.detach().reshape((flat_x.shape[0], *in_shape) if batched else in_shape)
+    if not capture:
+        bound: Bound | str = "not needed by the requested strategy"
+    elif flat_x.shape[0] == 0:
+        bound = "empty batch"
+    else:
+        bound = try_capture(f, model_x)
+    anchor = bound if isinstance(bound, Bound) else None
+
+    def fact(key: Hashable, derive: Callable[[], Any]) -> Any:  # as Problem.fact
+        return derive() if anchor is None else anchor.capture.fact((batched, key), derive)
+
+    out_shape, piecewise = fact("probe", lambda: _probe(api, f, flat_x, in_shape, batched))
     index, sel_shape = select_outputs(api, output, out_shape, x.device)
     fn = _canonical(f, in_shape, batched, index)
-    if batched and flat_x.shape[0] >= 2 and not cache.get("independent"):
-        check_independent(api, fn, flat_x)
-        cache["independent"] = True
-    problem = Problem(
+    if batched and flat_x.shape[0] >= 2:
+        fact(
+            "independent",
+            lambda: check_independent(api, _canonical(f, in_shape, True, None), flat_x),
+        )
+    empty = flat_x.shape[0] == 0
+    saved, macs = (0, 1.0) if empty else fact("profile", lambda: profile_forward(fn, flat_x[:1]))
+    return Problem(
         api=api,
         fn=fn,
         x=flat_x,
         batched=batched,
         in_shape=in_shape,
+        out_shape=out_shape,
         sel_shape=sel_shape,
         m=int(torch.Size(sel_shape).numel()),
-        piecewise_ops=cache["piecewise"],
-        scripted=isinstance(f, torch.jit.ScriptModule),
+        piecewise_ops=tuple(piecewise),
+        scripted=isinstance(f, torch.jit.ScriptModule | torch.jit.ScriptFunction),
         out_dtype=out_dtype,
         model=f,
         index=index,
-        cache=cache,
+        anchor=anchor,
+        capture_failure=None if anchor is not None else str(bound),
+        saved_bytes=saved,
+        forward_macs=macs,
     )
-    return problem
 
 
 def _probe(
     api: str, f: Callable, flat_x: torch.Tensor, in_shape: torch.Size, batched: bool
 ) -> tuple[torch.Size, list[str]]:
-    """One forward pass of one sample: the per-sample output shape and piecewise ops."""
+    """One forward pass of one sample: the per-sample output shape and piecewise ops.
+
+    The sample is run twice (with the caller's random state put back): a model whose
+    output changes between two calls on the same input is random, and so would be its
+    derivatives.
+
+    Raises:
+        UnsupportedModelError: ``f`` fails on the input or returns something else than one
+            real floating tensor.
+        NonDeterministicModelError: Two calls on the same input differ.
+    """
     recorder = OpRecorder()
     probe = flat_x[:1].detach()
+    count = probe.shape[0]  # 0 for an empty batch
+    shaped = probe.reshape((count, *in_shape)) if batched else probe.reshape(in_shape)
     try:
-        with torch.no_grad(), recorder:
-            out = f(probe.reshape((1, *in_shape)) if batched else probe.reshape(in_shape))
+        with torch.no_grad(), recorder, torch.random.fork_rng(devices=_devices(probe)):
+            out = f(shaped)
+            again = f(shaped) if isinstance(out, torch.Tensor) else None
+    except HesseError:
+        raise
     except Exception as exc:
         raise UnsupportedModelError(
             f"{api}: calling f on the input failed ({type(exc).__name__}: {exc}). Check that "
             "f runs on x of shape "
             f"{tuple((1, *in_shape)) if batched else tuple(in_shape)} by itself."
         ) from exc
-    out = check_output(api, out, 1 if batched else None)
+    out = check_output(api, out, count if batched else None)
+    check_deterministic(api, out, again, recorder.random_ops())
     return (out.shape[1:] if batched else out.shape), recorder.piecewise_linear()
+
+
+def _devices(x: torch.Tensor) -> list[int]:
+    return [x.device.index or 0] if x.device.type == "cuda" else []
 
 
 def _canonical(

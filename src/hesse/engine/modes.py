@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch.func import vmap
 
-from .capture import Captured
-from .engine import Record, Seed, find_seed, forward
+from .graph import Graph
 from .rules.base import NoTaylorRule
+from .tangents import Record, Seed, find_seed, forward
 
 
 def _terms(records: list[Record], grads: tuple, batch: int, diag: bool, d: int, like):
@@ -58,18 +58,21 @@ def _to_input(seed: Seed, h: torch.Tensor, diag: bool) -> torch.Tensor:
 
 
 def structured_pass(
-    captured: Captured,
+    graph: Graph,
+    inputs: tuple,
     x: torch.Tensor,
     to_model: Callable[[torch.Tensor], torch.Tensor],
     batch: int,
     index: torch.Tensor | None,
     want: frozenset[str],
     mode: str = "gram",
+    differentiable: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Computes the requested pieces for a sub-batch.
 
     Args:
-        captured: The captured model.
+        graph: The captured model (captured at this sub-batch's shape).
+        inputs: The values of the graph's inputs (parameters, buffers, ...).
         x: Flat inputs of the sub-batch, ``(s, n)``.
         to_model: Reshapes ``(s, n)`` to the model's input layout.
         batch: ``s`` when batched, 1 for a single sample.
@@ -79,23 +82,36 @@ def structured_pass(
         mode: ``"gram"`` (sum of per-layer terms), ``"sweep"`` (rule-based
             forward-over-reverse; Hessians only) or ``"taylor"`` (second-order
             coefficients pushed forward; no bottleneck).
+        differentiable: Keep the result in autograd's graph (``create_graph=True``):
+            gradients flow to ``x`` and to the graph's inputs.
 
     Returns:
         ``jacobian`` and ``gradient`` ``(s, m, n)``, ``hessian`` ``(s, m, n, n)``,
         ``diag`` ``(s, m, n)``, ``laplacian`` ``(s, m)``, as requested.
     """
     n = x.shape[1]
-    seed = find_seed(captured, n)
     if mode == "taylor":
-        start = next(iter(captured.module.graph.nodes))  # from the input: no bottleneck
+        env = graph.env(inputs, to_model(x if differentiable else x.detach()))
+        seed = Seed(graph.input_node, n, None)  # from the input: no bottleneck
         try:
-            return _taylor(captured, to_model(x.detach()), Seed(start, n, None), batch, index, want)
+            return _taylor(graph, env, seed, batch, index, want, differentiable)
         except NoTaylorRule:
             mode = "gram"  # an op without a closed form (the cost model avoids this)
     with torch.enable_grad():
-        xin = to_model(x.detach()).requires_grad_(True)
+        xin = to_model(x if differentiable else x.detach())
+        if not xin.requires_grad:
+            xin = xin.requires_grad_(True) if xin._base is None else xin.clone().requires_grad_()
+        env = graph.env(inputs, xin)
+        seed = find_seed(graph, env, n)
         sweep = mode == "sweep"
-        res = forward(captured, xin, seed, keep_linear=sweep, jacobian="jacobian" in want)
+        res = forward(
+            graph,
+            env,
+            seed,
+            keep_linear=sweep,
+            jacobian="jacobian" in want,
+            differentiable=differentiable,
+        )
         y = res.value.reshape(batch, -1)
         j_out = res.tangent.reshape(seed.d, batch, -1)
         if index is not None:
@@ -116,28 +132,31 @@ def structured_pass(
                     second,
                     "gradient" in want,
                     res.start if sweep else None,
+                    differentiable,
                 )
             )
     return result
 
 
 def _taylor(
-    captured: Captured,
-    x: torch.Tensor,
+    graph: Graph,
+    env: dict,
     seed: Seed,
     batch: int,
     index: torch.Tensor | None,
     want: frozenset[str],
+    differentiable: bool,
 ) -> dict[str, torch.Tensor]:
     """Taylor mode (see NOTE: [Taylor mode] in :mod:`.rules.base`): one forward pass.
 
     Args:
-        captured: The captured model.
-        x: Inputs in the model's layout (``s`` samples of ``d`` entries).
+        graph: The captured model.
+        env: Its inputs bound, the input in the model's layout (``s`` samples of ``d``).
         seed: The input node with ``d`` directions (no bottleneck).
         batch: ``s`` when batched, 1 for a single sample.
         index: Flat indices of the selected outputs (``None``: all).
         want: As for :func:`structured_pass`.
+        differentiable: Keep the result in autograd's graph.
 
     Returns:
         As :func:`structured_pass`: ``(s, m, ...)`` arrays.
@@ -146,6 +165,7 @@ def _taylor(
         NoTaylorRule: A curved op has no closed Taylor rule.
     """
     d = seed.d
+    x = env[graph.input_node]
     kind = "hessian" if "hessian" in want else "diag" if "diag" in want else "laplacian"
     if kind == "laplacian":
         pairs = None
@@ -154,8 +174,10 @@ def _taylor(
     else:
         iu = torch.triu_indices(d, d, device=x.device)
         pairs = (iu[0], iu[1])
-    with torch.no_grad():
-        res = forward(captured, x, seed, jacobian=True, taylor=(pairs,))
+    with torch.enable_grad() if differentiable else torch.no_grad():
+        res = forward(
+            graph, env, seed, jacobian=True, taylor=(pairs,), differentiable=differentiable
+        )
     j_out = res.tangent.reshape(d, batch, -1)
     s_out = res.second.reshape(-1, batch, j_out.shape[-1])  # type: ignore[union-attr]
     if index is not None:
@@ -181,7 +203,9 @@ def _taylor(
     return result
 
 
-def _adjoints(y: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _adjoints(
+    y: torch.Tensor, outputs: list[torch.Tensor], differentiable: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Adjoints of every output ``k`` w.r.t. ``outputs``, stacked first: ``(m, *shape)``.
 
     One vectorised backward pass for all selected outputs (``is_grads_batched``); a loop
@@ -190,7 +214,12 @@ def _adjoints(y: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[torch.Tenso
     m = y.shape[1]
     if m == 1:
         grads = torch.autograd.grad(
-            y.sum(), outputs, retain_graph=True, allow_unused=True, materialize_grads=True
+            y.sum(),
+            outputs,
+            retain_graph=True,
+            create_graph=differentiable,
+            allow_unused=True,
+            materialize_grads=True,
         )
         return tuple(g[None] for g in grads)
     seeds = torch.eye(m, dtype=y.dtype, device=y.device)[:, None, :].expand(m, *y.shape)
@@ -200,6 +229,7 @@ def _adjoints(y: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[torch.Tenso
             outputs,
             seeds,
             retain_graph=True,
+            create_graph=differentiable,
             allow_unused=True,
             materialize_grads=True,
             is_grads_batched=True,
@@ -207,19 +237,27 @@ def _adjoints(y: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[torch.Tenso
     except RuntimeError:
         per_k = [
             torch.autograd.grad(
-                y[:, k].sum(), outputs, retain_graph=True, allow_unused=True, materialize_grads=True
+                y[:, k].sum(),
+                outputs,
+                retain_graph=True,
+                create_graph=differentiable,
+                allow_unused=True,
+                materialize_grads=True,
             )
             for k in range(m)
         ]
         return tuple(torch.stack(gs) for gs in zip(*per_k, strict=True))
 
 
-def _second_order(records, xin, y, seed: Seed, batch, second: set, gradient: bool, start):
+def _second_order(
+    records, xin, y, seed: Seed, batch, second: set, gradient: bool, start, differentiable: bool
+):
     curved = [r for r in records if not r.step.rule.linear]
-    grads = _adjoints(y, [r.site.output for r in curved] + [xin])
+    grads = _adjoints(y, [r.site.output for r in curved] + [xin], differentiable)
     result: dict[str, torch.Tensor] = {}
     if gradient:
-        result["gradient"] = grads[-1].reshape(y.shape[1], batch, -1).detach().movedim(0, 1)
+        grad = grads[-1].reshape(y.shape[1], batch, -1)
+        result["gradient"] = (grad if differentiable else grad.detach()).movedim(0, 1)
     if not second:
         return result
     want_lap = "laplacian" in second
@@ -232,7 +270,7 @@ def _second_order(records, xin, y, seed: Seed, batch, second: set, gradient: boo
             return _sweep(records, by_node, start, seed.d, batch, y)
         return _terms(records, gs, batch, diag_only, seed.d, y)
 
-    with torch.no_grad():
+    with torch.enable_grad() if differentiable else torch.no_grad():
         adj = grads[:-1]
         if y.shape[1] == 1 or start is not None or not adj:  # the sweep is batched over d
             h = torch.stack([one_output(*(g[k] for g in adj)) for k in range(y.shape[1])])

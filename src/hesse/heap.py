@@ -16,7 +16,7 @@ import ctypes.util
 import warnings
 
 from .errors import HesseWarning
-from .memory import parse_bytes
+from .planning.memory import parse_bytes
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1

@@ -9,6 +9,7 @@ keeps for the backward pass, and each strategy scales it by its own factor.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import UnsupportedInputError
+from ..errors import UnsupportedInputError
 
 _UNITS = {
     "": 1,
@@ -34,6 +35,7 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+UNLIMITED = 2**62  # max_memory=float("inf")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -49,11 +51,14 @@ def parse_bytes(value: int | float | str | None, api: str = "hesse") -> int | No
     Returns:
         The budget in bytes, or ``None``.
 
+    An infinite budget means no limit (:data:`UNLIMITED` bytes); a positive budget below
+    one byte is one byte (nothing fits in it: the call then raises ``MemoryBudgetError``).
+
     Raises:
         UnsupportedInputError: The value is not a positive size.
 
-    >>> parse_bytes("2GB"), parse_bytes("1KiB"), parse_bytes(None)
-    (2000000000, 1024, None)
+    >>> parse_bytes("2GB"), parse_bytes("1KiB"), parse_bytes(None), parse_bytes(0.5)
+    (2000000000, 1024, None, 1)
     """
     if value is None:
         return None
@@ -71,9 +76,14 @@ def parse_bytes(value: int | float | str | None, api: str = "hesse") -> int | No
                 "optional unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '2GB'."
             )
         value = float(match.group(1)) * _UNITS[unit]
-    if not value > 0:
-        raise UnsupportedInputError(f"{api}: max_memory must be positive, got {value}.")
-    return int(value)
+    if not value > 0:  # also NaN
+        raise UnsupportedInputError(
+            f"{api}: max_memory must be a positive size, got {value!r}. Pass e.g. "
+            "max_memory='2GB', or None for half of the free memory."
+        )
+    if value == float("inf"):
+        return UNLIMITED
+    return max(1, math.ceil(value))
 
 
 def available_bytes(device: torch.device) -> int:

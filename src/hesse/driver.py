@@ -1,0 +1,256 @@
+"""The driver: runs a plan as a stream of blocks into sinks, and falls back when it must.
+
+``execute`` walks the plan's candidates. A candidate that raises anything but a
+:class:`~hesse.errors.HesseError` cannot run this model: under ``"auto"`` the failure is
+remembered on the model's capture (see :mod:`hesse.planning.capture`; for a model that
+cannot be captured, on the model object), the next candidate runs, and one
+:class:`~hesse.errors.FallbackWarning` names the failure. An explicitly named strategy
+that cannot run raises :class:`~hesse.errors.StrategyError`, naming a strategy that ran
+the model on its first sample. No internal exception leaves the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.func import jvp, vjp
+from tqdm.auto import tqdm
+
+from .errors import FallbackWarning, HesseError, StrategyError, StrategyMismatchError
+from .io import TensorSink
+from .planning.choice import chunking, failure_key
+from .planning.plan import Plan
+from .planning.problem import Problem
+from .planning.tuning import clock
+from .quantities import QUANTITIES, Work
+from .strategies import Strategy, get_strategy
+
+# Failures of strategies on models TorchDynamo could not capture (there is no capture to
+# keep them on): they only decide which strategy runs first, never a result.
+_UNCAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNCAPTURED_LOCK = threading.Lock()
+
+
+def remember_failure(problem: Problem, key: tuple, reason: str) -> bool:
+    """Remembers that a strategy failed on this model; True if it is news."""
+    if problem.anchor is not None:
+        capture = problem.anchor.capture
+        with capture.lock:
+            new = not capture.facts.get((problem.batched, key))
+            capture.facts[(problem.batched, key)] = reason
+        return new
+    with _UNCAPTURED_LOCK:
+        try:
+            known = _UNCAPTURED.setdefault(problem.model, {})
+        except TypeError:  # not weak-referenceable
+            return True
+        new = key not in known
+        known[key] = reason
+    return new
+
+
+def known_failure(problem: Problem, key: tuple) -> str:
+    """Why a strategy failed on this model before (``""``: it did not)."""
+    if problem.anchor is not None:
+        return problem.fact(key, str)
+    with _UNCAPTURED_LOCK:
+        try:
+            return _UNCAPTURED.get(problem.model, {}).get(key, "")
+        except TypeError:
+            return ""
+
+
+def _probe_modes_agree(problem: Problem) -> bool:
+    """Checks ``u^T (J v) == (u^T J) v`` on one sample: forward and reverse mode agree.
+
+    ``torch.no_grad()`` inside a model blocks reverse mode but not forward mode
+    (pytorch#128600), so forward-over-reverse would silently differ from the truth the
+    model's author meant.
+
+    Raises:
+        StrategyMismatchError: They disagree.
+    """
+    x = problem.x[:1].detach()
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        out, jv = jvp(problem.fn, (x,), (v,))
+        u = torch.randn(out.shape, generator=gen, dtype=x.dtype, device=x.device)
+        uj = vjp(problem.fn, x)[1](u)[0]
+    a, b = float((u * jv).sum()), float((uj * v).sum())
+    tol = (1e-4 if x.dtype == torch.float32 else 1e-9) * max(1.0, abs(a), abs(b))
+    if abs(a - b) > tol:
+        raise StrategyMismatchError(
+            f"{problem.api}: forward-mode and reverse-mode derivatives of f disagree "
+            f"(u.Jv = {a:.6g} vs uJ.v = {b:.6g}); f likely uses torch.no_grad() inside, "
+            "which forward-mode AD ignores (pytorch#128600). Replace it with .detach(), or "
+            "pass strategy='reverse' (or 'loop') to use reverse mode only."
+        )
+    return True
+
+
+def run_plan(
+    problem: Problem, plan: Plan, v: torch.Tensor | None, create_graph: bool, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Runs one plan: every block of every step, written into in-memory sinks.
+
+    Returns:
+        Each output array, shape ``(B, items, *tail)``.
+    """
+    quantity = QUANTITIES[plan.quantity]
+    strategy = get_strategy(plan.strategy)
+    dtype, device = problem.x.dtype, problem.x.device
+    outputs = quantity.outputs(problem, strategy)
+    sinks = {
+        name: TensorSink((problem.batch, items, *tail), dtype, device, differentiable=create_graph)
+        for name, (items, tail) in outputs.items()
+    }
+    bar = tqdm(total=plan.steps, desc=problem.api, disable=not progress, leave=False)
+    with bar:
+        for s0 in range(0, problem.batch, plan.samples_per_step):
+            samples = slice(s0, min(s0 + plan.samples_per_step, problem.batch))
+            direction = None if v is None else v[samples]
+            if strategy.capabilities.whole_samples:
+                arrays = strategy.compute(  # type: ignore[attr-defined]
+                    problem, plan.quantity, problem.x[samples], direction, create_graph
+                )
+                for name, arr in arrays.items():
+                    sinks[name].write(samples, slice(None), arr)
+                bar.update()
+                continue
+            for i0 in range(0, plan.items, plan.rows_per_step):
+                i1 = min(i0 + plan.rows_per_step, plan.items)
+                items = torch.arange(i0, i1, device=device)
+                work = Work(problem.x[samples], items, direction)
+                for name, (block, index) in quantity.kernel(
+                    strategy, problem, work, create_graph
+                ).items():
+                    where = slice(i0, i1) if index is None else index
+                    sinks[name].write(samples, where, block.movedim(0, 1))
+                bar.update()
+    return {name: sink.result() for name, sink in sinks.items()}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :func:`execute` ran.
+
+    Attributes:
+        arrays: The output arrays.
+        strategy: The strategy that computed them.
+        seconds: Its wall time.
+        plan: The plan it ran (its chunking is the strategy's own).
+    """
+
+    arrays: dict[str, torch.Tensor]
+    strategy: str
+    seconds: float
+    plan: Plan
+
+
+def _run_one(
+    problem: Problem, plan: Plan, name: str, v: torch.Tensor | None, progress: bool
+) -> Outcome:
+    st = get_strategy(name)
+    create_graph = plan.request.create_graph
+    if name != plan.strategy:
+        plan = plan.with_strategy(name, chunking(problem, plan.request, name))
+    if st.capabilities.forward_ad:
+        problem.fact(("modes_agree", _index_key(problem)), lambda: _probe_modes_agree(problem))
+    start = clock(problem.x.device)
+    arrays = run_plan(problem, plan, v, create_graph, progress)
+    return Outcome(arrays, name, clock(problem.x.device) - start, plan)
+
+
+def _index_key(problem: Problem) -> tuple | None:
+    return None if problem.index is None else tuple(problem.index.tolist())
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
+
+
+def execute(
+    problem: Problem, plan: Plan, v: torch.Tensor | None = None, progress: bool = False
+) -> Outcome:
+    """Runs the plan's first candidate, falling back across candidates under ``"auto"``.
+
+    Raises:
+        StrategyError: The named strategy cannot run this model, or no candidate can.
+        HesseError: Any typed error of the checks (memory, model, mismatch of modes).
+    """
+    explicit = plan.request.strategy != "auto"
+    failures: list[str] = []
+    news = False
+    for name in plan.candidates:
+        key = failure_key(name, plan.quantity, plan.request.create_graph)
+        if not explicit and known_failure(problem, key):
+            failures.append(f"'{name}' ({known_failure(problem, key)})")
+            continue
+        try:
+            outcome = _run_one(problem, plan, name, v, progress)
+        except StrategyMismatchError:
+            if explicit:
+                raise
+            reason = "forward and reverse mode disagree: torch.no_grad in f?"
+        except HesseError:
+            raise
+        except Exception as exc:
+            reason = _describe(exc)
+            if explicit:
+                raise StrategyError(_cannot_run(problem, plan, name, reason)) from None
+        else:
+            if news:
+                warnings.warn(
+                    f"{problem.api}: strategy {', '.join(failures)} could not run this "
+                    f"model; used strategy '{name}' instead. Pass strategy='{name}' to skip "
+                    "the attempt.",
+                    FallbackWarning,
+                    stacklevel=4,
+                )
+            return outcome
+        news |= remember_failure(problem, key, reason)
+        failures.append(f"'{name}' ({reason})")
+    raise StrategyError(
+        f"{problem.api}: no strategy could run this model: {'; '.join(failures)}. Make the "
+        "model differentiable twice with torch.autograd (no @once_differentiable, no "
+        "custom Function without a double backward)."
+    )
+
+
+def _cannot_run(problem: Problem, plan: Plan, name: str, reason: str) -> str:
+    """The message of a named strategy that failed, naming one that runs the model."""
+    working = _working_alternative(problem, plan, name)
+    fix = (
+        f"strategy='{working}' runs it (or strategy='auto' picks one)"
+        if working
+        else "no other strategy ran it either: make the model differentiable twice"
+    )
+    return f"{problem.api}: strategy '{name}' cannot run this model ({reason}); {fix}."
+
+
+def _working_alternative(problem: Problem, plan: Plan, failed: str) -> str | None:
+    """The first other product strategy that computes the request on the first sample."""
+    one = dataclasses.replace(problem, x=problem.x[:1].detach(), anchor=None)
+    for other in ("vmap", "reverse", "loop"):
+        if other == failed:
+            continue
+        st: Strategy = get_strategy(other)
+        if st.unsupported(one, plan.quantity, plan.request.create_graph) is not None:
+            continue
+        direction = torch.ones_like(one.x) if plan.quantity == "hvp" else None
+        try:
+            trial = plan.with_strategy(other, chunking(one, plan.request, other))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run_plan(one, dataclasses.replace(trial, batch=1), direction, False, False)
+        except Exception:  # this one cannot run it either
+            continue
+        return other
+    return None

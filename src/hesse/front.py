@@ -1,0 +1,177 @@
+"""Runs requests: plan, then call. The public functions and :class:`Plan` call these.
+
+One call: inside hesse's scope (:mod:`hesse.planning.scope`), with the caller's model
+kept as it was, the request becomes a canonical problem (probes kept on the model's
+capture), a plan (tuned online on repeated calls of ``"auto"``), an execution by the
+driver, and the layout the caller asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .driver import Outcome, execute
+from .errors import StrategyError
+from .planning.choice import chunking, make_plan
+from .planning.plan import Plan, Request, Tuning
+from .planning.problem import Problem, build_problem
+from .planning.scope import derivative_scope, preserved
+from .planning.tuning import tuner_for
+from .quantities import QUANTITIES, forward_jacobian
+from .results import check_request, direction, empty_result, finish, warn_zero
+from .settings import settings
+from .strategies import get_strategy
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _tuner(problem: Problem, request: Request, plan: Plan):
+    """The online tuner of a repeated ``"auto"`` request, or None."""
+    if request.strategy != "auto" or problem.anchor is None or not settings.current().autotune:
+        return None
+    capture = problem.anchor.capture
+    key = (problem.batched, *request.key(problem.index), settings.current().compile)
+    return tuner_for(capture.lock, capture.facts, key, plan.candidates, dict(plan.costs))
+
+
+def _ran_key(problem: Problem, request: Request) -> tuple:
+    return ("ran", *request.key(problem.index))  # qualified by the layout in Problem.fact
+
+
+def current_plan(problem: Problem, request: Request, pinned: Plan | None = None) -> Plan:
+    """The plan this call runs: a pinned plan while its capture holds, else the online one."""
+    anchor = problem.anchor.capture if problem.anchor is not None else None
+    if pinned is not None and anchor is not None and pinned.anchor is anchor:
+        return pinned
+    plan = make_plan(problem, request)
+    tuner = _tuner(problem, request, plan)
+    if tuner is not None:
+        with anchor.lock:  # type: ignore[union-attr]
+            order = [n for n in tuner.order(plan.candidates) if n in plan.candidates]
+            record = tuner.record_of()
+        if order and order[0] != plan.strategy:
+            plan = plan.with_strategy(order[0], chunking(problem, request, order[0]))
+            plan = replace(plan, reason=plan.reason.replace("the cheapest candidate", "tuning"))
+        plan = replace(plan, tuning=record)
+    ran = problem.fact(_ran_key(problem, request), lambda: None) if anchor else None
+    return replace(plan, ran=ran)
+
+
+def _after(problem: Problem, request: Request, plan: Plan, outcome: Outcome) -> None:
+    """Records the call's timing (tuning) and what ran, on the capture."""
+    if problem.anchor is None:
+        return
+    capture = problem.anchor.capture
+    tuner = _tuner(problem, request, plan)
+    with capture.lock:
+        capture.facts[(problem.batched, _ran_key(problem, request))] = outcome.strategy
+        if tuner is not None:
+            if outcome.strategy != plan.strategy:
+                tuner.drop(plan.strategy)
+            tuner.record(outcome.strategy, outcome.seconds)
+
+
+def _layout(problem: Problem, request: Request, outcome: Outcome) -> Any:
+    """The caller's layout of the arrays (see :mod:`hesse.api` for the shapes)."""
+    arrays, flat, quantity = outcome.arrays, request.flat, request.quantity
+    if quantity == "jacobian":
+        jac = arrays["jacobian"]
+        if forward_jacobian(problem, get_strategy(outcome.strategy)):
+            jac = jac.transpose(1, 2)
+        warn_zero(problem, jac, second_order=False)
+        return finish(problem, jac, 1, flat)
+    if quantity == "laplacian":
+        if "laplacian" in arrays:  # whole-sample strategies: (B, m)
+            lap = arrays["laplacian"].reshape(problem.batch, problem.m)
+        else:
+            lap = arrays["diag"].reshape(problem.batch, problem.m, problem.n).sum(-1)
+        warn_zero(problem, lap, second_order=True)
+        return finish(problem, lap, 0, flat)
+    if quantity == "derivatives":
+        with torch.enable_grad() if request.create_graph else torch.no_grad():
+            value = problem.fn(problem.x)
+        warn_zero(problem, arrays["gradient"], second_order=False)
+        warn_zero(problem, arrays["hessian"], second_order=True)
+        return (
+            finish(problem, value, 0, flat),
+            finish(problem, arrays["gradient"], 1, flat),
+            finish(problem, arrays["hessian"], 2, flat),
+        )
+    name, dims = {"hessian": ("hessian", 2), "hessian_diag": ("diag", 1), "hvp": ("hvp", 1)}[
+        quantity
+    ]
+    warn_zero(problem, arrays[name], second_order=True)
+    return finish(problem, arrays[name], dims, flat)
+
+
+def run(
+    request: Request,
+    f: Fn,
+    x: torch.Tensor,
+    v: torch.Tensor | None = None,
+    pinned: Plan | None = None,
+) -> Any:
+    """Computes a request: the body of every public function and of ``Plan.__call__``."""
+    check_request(request)
+    with derivative_scope(), preserved(f):
+        problem = build_problem(
+            request.api,
+            f,
+            x,
+            request.output,
+            request.batched,
+            keep_graph=request.create_graph,
+            capture=request.strategy in ("auto", "structured"),
+        )
+        flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
+        if problem.batch == 0:
+            return empty_result(problem, request)
+        plan = current_plan(problem, request, pinned)
+        outcome = execute(problem, plan, flat_v, request.progress)
+        _after(problem, request, plan, outcome)
+        return _layout(problem, request, outcome)
+
+
+def plan_of(request: Request, f: Fn, x: torch.Tensor) -> Plan:
+    """The plan a call of ``request`` on ``(f, x)`` would run now; computes nothing."""
+    check_request(request)
+    with derivative_scope(), preserved(f):
+        capture = request.strategy in ("auto", "structured")
+        problem = build_problem(request.api, f, x, request.output, request.batched, capture=capture)
+        return current_plan(problem, request)
+
+
+def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Plan:
+    """Times each candidate of ``plan`` on ``x``; returns the plan pinned to the fastest.
+
+    Raises:
+        StrategyError: No candidate could run the model.
+    """
+    request = plan.request
+    rounds = max(2, int(rounds))
+    with derivative_scope(), preserved(plan.model):
+        problem = build_problem(request.api, plan.model, x, request.output, request.batched)
+        flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
+        base = make_plan(problem, request)
+        times: dict[str, tuple[float, ...]] = {}
+        for name in base.candidates:
+            trial = base.with_strategy(name, chunking(problem, request, name))
+            trial = replace(trial, candidates=(name,))
+            try:
+                seconds = [execute(problem, trial, flat_v).seconds for _ in range(rounds)]
+            except StrategyError:
+                continue
+            times[name] = tuple(seconds[1:])
+    if not times:
+        raise StrategyError(f"{request.api}: Plan.tune: no candidate could run this model.")
+    best = min(times, key=lambda n: min(times[n]))
+    tuned = base.with_strategy(best, chunking(problem, request, best))
+    record = Tuning("settled", tuple(times.items()), best)
+    return replace(tuned, tuning=record, pinned=True, reason=f"{tuned.reason}; tuned: fastest")
+
+
+QUANTITY_NAMES = tuple(QUANTITIES)

@@ -1,0 +1,1 @@
+"""Planning: the canonical problem, guarded capture, the choice of strategy, plans, tuning."""

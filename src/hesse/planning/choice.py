@@ -1,0 +1,239 @@
+"""The choice: which strategy, how many work items per step, and how much memory.
+
+``strategy="auto"`` takes the candidates of the decision table (:data:`AUTO_ORDER`, per
+quantity and shape regime), drops those that decline the request (with the reason) or
+failed on this model before, and orders the rest by estimated cost (multiply-adds). Chunks
+are sized from the memory budget: the result must fit, and a step of ``s`` samples times
+``r`` work items costs ``s * r`` times the measured working set of one item (``s`` times
+for strategies that run items one after another, or the strategy's own per-sample
+estimate for whole-sample strategies).
+"""
+
+from __future__ import annotations
+
+from ..errors import MemoryBudgetError, StrategyError
+from ..quantities import QUANTITIES
+from ..strategies import Strategy, get_strategy
+from .memory import available_bytes, format_bytes, parse_bytes
+from .plan import Chunking, Plan, Request
+from .problem import Problem
+
+# NOTE: [auto decision table]
+# Forward-over-reverse ("vmap") is the cheapest general Hessian-vector product (~2.5
+# forward passes each, vectorised); reverse-over-reverse needs no forward-mode rules; the
+# loop needs neither vmap nor forward mode. Jacobians pull m cotangents back (reverse)
+# unless there are fewer inputs than outputs, where pushing n tangents forward is cheaper.
+# The structured engine computes whole Hessians from per-layer terms; the cost model
+# decides between it and the product-based strategies (it loses to them when a layer
+# widens the representation a lot, e.g. a convolution over an image).
+AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("first_order", "tall"): ("vmap", "structured", "reverse", "loop"),
+    ("first_order", "wide"): ("reverse", "structured", "vmap", "loop"),
+    ("second_order", "tall"): ("structured", "vmap", "reverse", "loop"),
+    ("second_order", "wide"): ("structured", "vmap", "reverse", "loop"),
+}
+SCRIPTED_ORDER = ("loop",)  # TorchScript: vmap and forward mode are unreliable there
+DEFAULT_BUDGET_FRACTION = 0.5  # of the device's free memory, when max_memory is None
+
+
+def failure_key(name: str, quantity: str, create_graph: bool) -> tuple:
+    """The fact under which a strategy's failure on a model is remembered."""
+    return ("failed", name, quantity, create_graph)
+
+
+def _declines(st: Strategy, problem: Problem, request: Request) -> str | None:
+    """Why a strategy declines the request up front (``None``: it accepts)."""
+    if request.create_graph and not st.capabilities.differentiable:
+        return "cannot keep a graph (create_graph=True)"
+    if problem.scripted and st.capabilities.vmap:
+        return "TorchScript: vmap and forward mode are unreliable there"
+    reason = st.unsupported(problem, request.quantity, request.create_graph)
+    if reason is not None:
+        return reason
+    failed = problem.fact(failure_key(st.name, request.quantity, request.create_graph), str)
+    if failed:
+        return f"failed on this model before ({failed})"
+    return _too_big(st, problem, request)
+
+
+def _too_big(st: Strategy, problem: Problem, request: Request) -> str | None:
+    """Whole-sample strategies decline when one sample does not fit in the budget."""
+    sample_bytes = getattr(st, "sample_bytes", None)
+    if not st.capabilities.whole_samples or not callable(sample_bytes):
+        return None
+    need = sample_bytes(problem, request.quantity)
+    budget = budget_bytes(problem, request)
+    if need > budget:
+        return f"one sample needs ~{format_bytes(need)}, over the budget {format_bytes(budget)}"
+    return None
+
+
+def candidate_order(
+    problem: Problem, request: Request
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict[str, float]]:
+    """The strategies to try, cheapest first, a note on every candidate, and the costs.
+
+    Raises:
+        StrategyError: A named strategy does not exist or declines the request.
+    """
+    if request.strategy != "auto":
+        st = get_strategy(request.strategy, problem.api)
+        reason = _declines(st, problem, request)
+        if reason is not None:
+            raise StrategyError(
+                f"{problem.api}: strategy '{request.strategy}' cannot compute this: {reason}. "
+                "Use strategy='auto' to let hesse pick one that can."
+            )
+        cost = st.estimate(problem, request.quantity)
+        return (st.name,), ((st.name, f"{cost:.3g} MAC"),), {st.name: cost}
+    if problem.scripted:
+        names: tuple[str, ...] = SCRIPTED_ORDER
+    else:
+        order = "second_order" if QUANTITIES[request.quantity].second_order else "first_order"
+        names = AUTO_ORDER[(order, "tall" if problem.n < problem.m else "wide")]
+    notes, costs = [], {}
+    for name in names:
+        st = get_strategy(name)
+        reason = _declines(st, problem, request)
+        if reason is None:
+            costs[name] = st.estimate(problem, request.quantity)
+            detail = st.describe(problem, request.quantity)
+            notes.append((name, f"{costs[name]:.3g} MAC" + (f" ({detail})" if detail else "")))
+        else:
+            notes.append((name, f"n/a: {reason}"))
+    ordered = tuple(sorted(costs, key=lambda k: costs[k]))
+    return ordered, tuple(notes), costs
+
+
+def budget_bytes(problem: Problem, request: Request) -> int:
+    """The budget in bytes: ``max_memory``, or a fraction of the device's free memory."""
+    given = parse_bytes(request.max_memory, problem.api)
+    return given or int(available_bytes(problem.x.device) * DEFAULT_BUDGET_FRACTION)
+
+
+def result_bytes(problem: Problem, quantity: str, strategy: Strategy) -> int:
+    """Bytes of the arrays a strategy writes for ``quantity``."""
+    size = 0
+    for items, tail in QUANTITIES[quantity].outputs(problem, strategy).values():
+        per = items
+        for d in tail:
+            per *= d
+        size += per
+    return problem.batch * size * problem.x.element_size()
+
+
+def chunking(problem: Problem, request: Request, name: str) -> Chunking:
+    """Sizes the steps of strategy ``name`` within the memory budget.
+
+    ``chunk_size`` counts work items (Hessian rows, over all samples) per step; ``None``
+    lets the budget decide (all at once if it fits), ``1`` is one item of one sample a step.
+
+    Raises:
+        MemoryBudgetError: The result, or one item's working set next to it, exceeds the
+            budget.
+    """
+    strategy = get_strategy(name, problem.api)
+    caps = strategy.capabilities
+    budget = budget_bytes(problem, request)
+    items = QUANTITIES[request.quantity].items(problem, strategy)
+    result = result_bytes(problem, request.quantity, strategy)
+    if caps.whole_samples and callable(getattr(strategy, "sample_bytes", None)):
+        per_sample = int(strategy.sample_bytes(problem, request.quantity))  # type: ignore[attr-defined]
+        per_item = max(1, per_sample // max(items, 1))
+    else:
+        per_item = int(strategy.memory_factor * max(problem.saved_bytes, 1))
+        per_item += 3 * problem.n * problem.x.element_size()
+    _check_fits(problem, request, result, per_item, budget)
+    if request.chunk_size is not None:
+        units, why = request.chunk_size, f"chunk_size={request.chunk_size}"
+    else:
+        units = max(1, (budget - result) // per_item)
+        why = (
+            "all work in one step fits the budget"
+            if units >= items * problem.batch
+            else f"steps sized to the budget ({format_bytes(budget)})"
+        )
+    if caps.sequential or caps.whole_samples:
+        rows, samples = items, max(1, min(problem.batch, units // max(items, 1)))
+    elif units >= items:
+        rows, samples = items, max(1, min(problem.batch, units // items))
+    else:
+        rows, samples = units, 1
+    steps = -(-problem.batch // samples) * -(-max(items, 1) // max(rows, 1))
+    step_units = samples if caps.sequential else samples * rows
+    return Chunking(
+        items=items,
+        samples_per_step=samples,
+        rows_per_step=rows,
+        steps=steps,
+        result_bytes=result,
+        step_bytes=step_units * per_item,
+        budget_bytes=budget,
+        why=why,
+    )
+
+
+def _check_fits(
+    problem: Problem, request: Request, result: int, per_item: int, budget: int
+) -> None:
+    source = "max_memory" if request.max_memory is not None else "half of the free memory"
+    if result + per_item > budget:
+        raise MemoryBudgetError(
+            f"{problem.api}: the {request.quantity} of B={problem.batch} samples with "
+            f"n={problem.n} inputs and m={problem.m} outputs needs {format_bytes(result)} "
+            f"for the result plus at least {format_bytes(per_item)} of working memory, but "
+            f"the budget ({source}) is {format_bytes(budget)}. Raise max_memory, select "
+            "fewer outputs with output=, pass fewer samples, or ask for hessian_diag / "
+            "laplacian / hvp, which never form the full matrix."
+        )
+
+
+def make_plan(problem: Problem, request: Request, order: tuple[str, ...] | None = None) -> Plan:
+    """The plan of a request: candidates, estimates and the steps of the first candidate.
+
+    Args:
+        problem: The canonical problem.
+        request: What the caller asked for.
+        order: The candidates in the order to try them (tuning's order); ``None``: by
+            estimated cost.
+
+    Raises:
+        StrategyError: No strategy can compute the request.
+        MemoryBudgetError: The result does not fit in the budget.
+    """
+    candidates, notes, costs = candidate_order(problem, request)
+    if not candidates:
+        raise StrategyError(
+            f"{problem.api}: no strategy can compute this: "
+            + "; ".join(f"{name}: {note}" for name, note in notes)
+            + "."
+        )
+    if order is not None:
+        candidates = tuple(n for n in order if n in candidates) + tuple(
+            n for n in candidates if n not in order
+        )
+    first = candidates[0]
+    if request.strategy != "auto":
+        choice = "requested"
+    elif order is not None:
+        choice = "chosen by tuning"
+    else:
+        choice = "the cheapest candidate" if len(candidates) > 1 else "the only candidate"
+    plan_chunks = chunking(problem, request, first)
+    reason = f"{get_strategy(first).description}; {choice}; {plan_chunks.why}"
+    return Plan(
+        request=request,
+        model=problem.model,
+        strategy=first,
+        candidates=candidates,
+        costs=tuple(costs.items()),
+        batch=problem.batch,
+        n=problem.n,
+        m=problem.m,
+        chunks=plan_chunks,
+        reason=reason,
+        estimates=notes,
+        captured=problem.anchor is not None,
+        capture_note=problem.capture_failure,
+        anchor=problem.anchor.capture if problem.anchor is not None else None,
+    )
