@@ -1,0 +1,500 @@
+"""Models and helpers of the adversarial suite (issue 9, ``test_trust*.py``).
+
+Everything here talks to hesse through its public API only, so that the suite survives
+rewrites of the internals. References are the float64 oracles of :mod:`reference`
+(``torch.autograd.functional`` per sample and per selected output), computed on the model
+as it is at that moment, so a result that comes from a stale capture, a stale probe or a
+stale tuning decision fails.
+
+Schedules: ``strategy="auto"`` tunes repeated calls on a module, rotating through its
+candidates during the first ~9 calls, so a change is made after call 1 (before any tuning),
+after call 5 (mid-rotation) and after call 10 (settled). Explicit strategies change after
+call 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from reference import expected, reference
+from torch import nn
+
+import hesse
+
+STRATEGIES = ("vmap", "reverse", "loop", "structured")
+ALL = (*STRATEGIES, "auto")
+# (strategy, calls on the unchanged object before the change)
+SCHEDULES = [(s, 2) for s in STRATEGIES] + [("auto", 1), ("auto", 5), ("auto", 10)]
+SCHEDULE_IDS = [f"{s}-after{k}" for s, k in SCHEDULES]
+AFTER = 3  # checked calls after each change (auto may switch strategy between them)
+RTOL = 1e-10
+D = 3  # per-sample input size of the small models
+B = 3  # batch size of the small batched inputs
+
+
+def schedules(fn: Callable) -> Callable:
+    """Parametrises a test over ``(strategy, calls_before)``."""
+    return pytest.mark.parametrize(("strategy", "before"), SCHEDULES, ids=SCHEDULE_IDS)(fn)
+
+
+def seeded_randn(*shape: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.get_default_dtype())
+
+
+@contextlib.contextmanager
+def fallback_allowed(strategy: str) -> Iterator[None]:
+    """``auto`` may warn ``FallbackWarning`` (pytest turns warnings into errors)."""
+    with warnings.catch_warnings():
+        if strategy == "auto":
+            warnings.simplefilter("ignore", hesse.FallbackWarning)
+        yield
+
+
+def call(quantity: str, f: Callable, x: torch.Tensor, strategy: str, **kw: Any) -> Any:
+    with fallback_allowed(strategy):
+        return getattr(hesse, quantity)(f, x, strategy=strategy, **kw)
+
+
+def want(quantity: str, f: Callable, x: torch.Tensor, *, batched: bool = True, output=None):
+    """The float64 reference of ``hesse.<quantity>(f, x, batched=..., output=...)``."""
+    return expected(quantity, reference(f, x, batched=batched, output=output))
+
+
+def close(got: Any, expect: torch.Tensor, name: str) -> None:
+    """Float64 agreement: ``|got - expect| <= 1e-10 * (|expect| + max(1, max|expect|))``."""
+    from reference import assert_close
+
+    scale = max(1.0, float(expect.abs().max())) if expect.numel() else 1.0
+    assert_close(got, expect, rtol=RTOL, atol=RTOL * scale, name=name)
+
+
+def check_calls(
+    f: Callable,
+    x: torch.Tensor,
+    strategy: str,
+    calls: int,
+    *,
+    quantities: tuple[str, ...] = ("hessian", "laplacian"),
+    label: str = "",
+    **kw: Any,
+) -> None:
+    """``calls`` calls of every quantity, each compared with one reference per quantity."""
+    kw.setdefault("batched", True)
+    refs = {q: want(q, f, x, batched=kw["batched"], output=kw.get("output")) for q in quantities}
+    for i in range(calls):
+        for q in quantities:
+            close(call(q, f, x, strategy, **kw), refs[q], f"{label} call {i + 1}: {q}")
+
+
+def strategy_error_or_result(
+    quantity: str, f: Callable, x: torch.Tensor, strategy: str, expect: torch.Tensor, **kw: Any
+) -> str:
+    """An explicit strategy gives the right result, or a ``StrategyError`` that names a
+    strategy which does give it. Returns ``"ok"`` or the strategy named."""
+    try:
+        got = call(quantity, f, x, strategy, **kw)
+    except hesse.StrategyError as err:
+        named = [s for s in STRATEGIES if s != strategy and s in str(err)]
+        assert named, f"StrategyError names no other strategy: {err}"
+        for other in named:
+            try:
+                close(call(quantity, f, x, other, **kw), expect, f"{quantity} by {other}")
+            except (hesse.HesseError, AssertionError):
+                continue
+            return other
+        raise AssertionError(f"no strategy named in the StrategyError runs: {err}") from err
+    close(got, expect, f"{quantity} by {strategy}")
+    return "ok"
+
+
+# --------------------------------------------------------------------------------------
+# Small models (d = 3 inputs per sample)
+# --------------------------------------------------------------------------------------
+
+
+def mlp(out: int = 2, seed: int = 0) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, out))
+
+
+class Net(nn.Module):
+    """``out(act(k * lin(x) * scale))`` with a Python attribute, a flag and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            self.lin = nn.Linear(D, 8)
+            self.out = nn.Linear(8, 2)
+        self.register_buffer("scale", torch.ones(8))
+        self.k = 1.0
+        self.use_sin = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.k * self.lin(x) * self.scale
+        h = torch.sin(h) if self.use_sin else torch.tanh(h)
+        if self.training:
+            h = h * h
+        return self.out(h)
+
+
+_GLOBAL_W = seeded_randn(2, D, seed=2)
+
+
+def global_fn(x: torch.Tensor) -> torch.Tensor:
+    """A plain function reading a module global."""
+    return torch.tanh(x @ _GLOBAL_W.T) ** 2
+
+
+def rebind_global(seed: int) -> None:
+    global _GLOBAL_W
+    _GLOBAL_W = seeded_randn(2, D, seed=seed)
+
+
+def closure_fn() -> tuple[Callable, Callable[[], None]]:
+    """A plain function reading a closure tensor, and a rebinding of that tensor."""
+    w = seeded_randn(2, D, seed=3)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x @ w.T) * (x @ w.T)
+
+    def rebind() -> None:
+        nonlocal w
+        w = seeded_randn(2, D, seed=4)
+
+    return f, rebind
+
+
+def _set(obj: Any, name: str, value: Any) -> Callable[[], None]:
+    return lambda: setattr(obj, name, value)
+
+
+def _no_grad(fn: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            fn()
+
+    return run
+
+
+def model_changes() -> dict[str, Callable[[], tuple[Callable, Callable[[], None]]]]:
+    """name -> factory of ``(f, change)``: ``change()`` alters what ``f`` computes."""
+
+    def seq(mutate: Callable[[nn.Sequential], None]) -> Callable:
+        def build() -> tuple[Callable, Callable[[], None]]:
+            m = mlp()
+            return m, lambda: mutate(m)
+
+        return build
+
+    def net(mutate: Callable[[Net], None]) -> Callable:
+        def build() -> tuple[Callable, Callable[[], None]]:
+            m = Net().eval()
+            return m, lambda: mutate(m)
+
+        return build
+
+    def new_linear(i: int, o: int, seed: int) -> nn.Linear:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Linear(i, o)
+
+    def global_build() -> tuple[Callable, Callable[[], None]]:
+        rebind_global(2)
+        return global_fn, lambda: rebind_global(5)
+
+    return {
+        "swap_submodule": seq(lambda m: m.__setitem__(0, new_linear(D, 8, 10))),
+        "swap_activation": seq(lambda m: m.__setitem__(1, nn.Softplus())),
+        "widen_output": seq(lambda m: m.__setitem__(2, new_linear(8, 4, 11))),
+        "reassign_parameter": net(
+            lambda m: setattr(m.lin, "weight", nn.Parameter(seeded_randn(8, D, seed=12)))
+        ),
+        "reassign_buffer": net(lambda m: setattr(m, "scale", torch.linspace(0.5, 2.0, 8))),
+        "python_attribute": net(lambda m: setattr(m, "k", 3.0)),
+        "branch_flag": net(lambda m: setattr(m, "use_sin", True)),
+        "training_flag": net(lambda m: m.train()),
+        "rebound_global": global_build,
+        "rebound_closure": closure_fn,
+        "inplace_weight": seq(lambda m: _no_grad(lambda: m[0].weight.mul_(2))()),
+        "inplace_buffer": net(lambda m: _no_grad(lambda: m.scale.mul_(1.5))()),
+        "frozen_parameter": seq(lambda m: m[0].weight.requires_grad_(False)),
+    }
+
+
+def hooks(model: nn.Sequential) -> dict[str, Callable[[], Any]]:
+    """name -> registration of a hook that changes what ``model`` computes (returns handle)."""
+    return {
+        "model_pre_hook": lambda: model.register_forward_pre_hook(lambda m, a: (2 * a[0],)),
+        "model_forward_hook": lambda: model.register_forward_hook(lambda m, a, y: y**2),
+        "sub_pre_hook": lambda: model[2].register_forward_pre_hook(lambda m, a: (a[0] ** 2,)),
+        "sub_forward_hook": lambda: model[0].register_forward_hook(lambda m, a, y: torch.sin(y)),
+        "kwargs_pre_hook": lambda: model[1].register_forward_pre_hook(
+            lambda m, a, kw: ((3 * a[0],), kw), with_kwargs=True
+        ),
+    }
+
+
+def state_of(model: nn.Module) -> dict[str, Any]:
+    """Everything a call must leave as it was: buffers, parameters, flags, grads."""
+    return {
+        "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "requires_grad": {k: v.requires_grad for k, v in model.named_parameters()},
+        "grads": {k: v.grad for k, v in model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_same_state(before: dict[str, Any], model: nn.Module, label: str) -> None:
+    after = state_of(model)
+    assert after["training"] == before["training"], f"{label}: training flags changed"
+    assert after["requires_grad"] == before["requires_grad"], f"{label}: requires_grad changed"
+    assert all(g is None for g in after["grads"].values()), f"{label}: .grad set: {after['grads']}"
+    for kind in ("buffers", "params"):
+        assert after[kind].keys() == before[kind].keys(), f"{label}: {kind} renamed"
+        for k, v in before[kind].items():
+            got = after[kind][k]
+            assert got.dtype == v.dtype and torch.equal(got, v), (
+                f"{label}: {kind[:-1]} {k!r} changed from {v.tolist()} to {got.tolist()}"
+            )
+
+
+def deep(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+# --------------------------------------------------------------------------------------
+# Models with state, and models whose outputs differ in how they may be differentiated
+# --------------------------------------------------------------------------------------
+
+
+class _Base(nn.Module):
+    def __init__(self, seed: int = 6, hidden: int = 4, out: int = 2) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.lin = nn.Linear(D, hidden)
+            self.out = nn.Linear(hidden, out)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x)))
+
+
+class CountingBuffer(_Base):
+    """``self.count += 1`` on a registered buffer in every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return self.body(x)
+
+
+class RunningMean(_Base):
+    """A running mean of the input updated in place under ``no_grad`` (as BatchNorm does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running", torch.zeros(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(0.1 * x.detach().reshape(-1, D).mean(0))
+        return self.body(x)
+
+
+class PythonCounter(_Base):
+    """A Python int counter on the module, incremented in every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.body(x)
+
+
+STATEFUL = {"count_buffer": CountingBuffer, "running_mean": RunningMean, "int_counter": PythonCounter}
+
+
+class NoGradOutput(_Base):
+    """Output 1 reads a tensor computed under ``torch.no_grad`` (forward mode ignores it,
+    pytorch#128600); output 0 does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            s = x**2
+        y0 = self.body(x)[..., 0]
+        y1 = (torch.tanh(x) * s).sum(-1) + y0
+        return torch.stack([y0, y1], -1)
+
+
+class CoupledOutput(_Base):
+    """Output 0 is per sample; output 1 mixes every sample of the batch into each."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y0 = self.body(x)[..., 0]
+        y1 = y0 * torch.tanh(x).mean(0).sum()
+        return torch.stack([y0, y1], -1)
+
+
+class MixAtFour(_Base):
+    """Mixes sample 3 into sample 0, but only when the batch has at least 4 samples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if x.dim() == 2 and x.shape[0] >= 4:
+            y = torch.cat([y[:1] * (1 + torch.tanh(x[3:4]).sum()), y[1:]])
+        return y
+
+
+class CenterTail(_Base):
+    """``x - x.mean(0)`` over samples 2.. only: samples 0 and 1 never couple."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] > 2:
+            x = torch.cat([x[:2], x[2:] - x[2:].mean(0)])
+        return self.body(x)
+
+
+# --------------------------------------------------------------------------------------
+# Models of categories 6-9: operators that some strategies cannot differentiate
+# --------------------------------------------------------------------------------------
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class OnceDifferentiable(_Base):
+    """A cube whose backward is ``@once_differentiable`` (``custom=False``: plain ``**3``)."""
+
+    def __init__(self, custom: bool = True) -> None:
+        super().__init__()
+        self.custom = custom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.out(_Cube.apply(h) if self.custom else h**3)
+
+
+class FunctionalDropout(_Base):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.nn.functional.dropout(torch.tanh(self.lin(x)), 0.5, training=True))
+
+
+class RandNoise(_Base):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + 0.1 * torch.rand_like(x))
+
+
+class Detached(_Base):
+    """``tanh`` terms plus a product with ``x.detach()**2`` (no derivative through it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x) + torch.tanh(x).sum(-1, keepdim=True)
+        return y + (x.detach() ** 2).sum(-1, keepdim=True) * torch.sin(x).sum(-1, keepdim=True)
+
+
+class GRULast(nn.Module):
+    """``nn.GRU(batch_first=True)``, a head on the last hidden state; input ``(B, T, F)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            self.gru = nn.GRU(2, 3, batch_first=True)
+            self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(x)
+        return self.head(h[-1])
+
+
+class Chunked(_Base):
+    """``Tensor.chunk`` of a hidden layer into a gated product."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=8, out=2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(8)
+            self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lin(x).chunk(2, dim=-1)
+        return self.out(torch.tanh(a) * b)
+
+
+class Checkpointed(_Base):
+    """``torch.utils.checkpoint`` around the hidden block (``use=False``: a plain call)."""
+
+    def __init__(self, reentrant: bool, use: bool = True) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.use = use
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use:
+            from torch.utils.checkpoint import checkpoint
+
+            h = checkpoint(self.block, x, use_reentrant=self.reentrant)
+        else:
+            h = self.block(x)
+        return self.out(h)
+
+
+class SelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` (batch_first) as self-attention plus a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(9)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0] + x
+
+
+def encoder_layer() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10)
+        return nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+
+
+def attention_settings() -> dict[str, Any]:
+    """The user's global switches that a math-backend fallback could leave changed."""
+    cuda = torch.backends.cuda
+    return {
+        "mha_fastpath": torch.backends.mha.get_fastpath_enabled(),
+        "flash_sdp": cuda.flash_sdp_enabled(),
+        "mem_efficient_sdp": cuda.mem_efficient_sdp_enabled(),
+        "math_sdp": cuda.math_sdp_enabled(),
+        "cudnn_sdp": cuda.cudnn_sdp_enabled(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "default_dtype": torch.get_default_dtype(),
+    }
