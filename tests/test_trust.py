@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import hesse
 from trust_cases import (
     AFTER,
     STATEFUL,
@@ -32,8 +34,6 @@ from trust_cases import (
     strategy_error_or_result,
     want,
 )
-
-import hesse
 
 CHANGES = model_changes()
 

@@ -12,8 +12,10 @@ import warnings
 
 import pytest
 import torch
-from reference import tolerances
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import hesse
+from reference import tolerances
 from trust_cases import (
     ALL,
     STRATEGIES,
@@ -41,8 +43,6 @@ from trust_cases import (
     want,
 )
 
-import hesse
-
 # 5. ------------------------------------------------------------------------------------
 
 
@@ -55,7 +55,7 @@ def test_coupling_only_in_larger_batches(model_cls, strategy: str, before: int) 
     model = model_cls().eval()
     small, big = seeded_randn(2, D, seed=30), seeded_randn(5, D, seed=31)
     check_calls(model, small, strategy, before, label="B=2")
-    for i in range(3):
+    for _ in range(3):
         for quantity in ("hessian", "laplacian", "jacobian"):
             with pytest.raises(hesse.BatchCouplingError):
                 call(quantity, model, big, strategy, batched=True)
@@ -264,7 +264,9 @@ def test_attention_settings_of_the_caller_respected(strategy: str) -> None:
             if strategy == "auto":
                 close(call("hessian", model, x, "auto", batched=True, output=[1]), expect, "H")
             else:
-                strategy_error_or_result("hessian", model, x, strategy, expect, batched=True, output=[1])
+                strategy_error_or_result(
+                    "hessian", model, x, strategy, expect, batched=True, output=[1]
+                )
             assert attention_settings() == inside
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

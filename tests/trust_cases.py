@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import torch
-from reference import expected, reference
 from torch import nn
 
 import hesse
+from reference import expected, reference
 
 STRATEGIES = ("vmap", "reverse", "loop", "structured")
 ALL = (*STRATEGIES, "auto")
@@ -326,7 +326,11 @@ class PythonCounter(_Base):
         return self.body(x)
 
 
-STATEFUL = {"count_buffer": CountingBuffer, "running_mean": RunningMean, "int_counter": PythonCounter}
+STATEFUL = {
+    "count_buffer": CountingBuffer,
+    "running_mean": RunningMean,
+    "int_counter": PythonCounter,
+}
 
 
 class NoGradOutput(_Base):
