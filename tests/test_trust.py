@@ -14,12 +14,9 @@ import torch
 import hesse
 from trust_cases import (
     AFTER,
-    STATEFUL,
     STRATEGIES,
     B,
-    CoupledOutput,
     D,
-    NoGradOutput,
     assert_same_state,
     call,
     check_calls,
@@ -33,6 +30,11 @@ from trust_cases import (
     state_of,
     strategy_error_or_result,
     want,
+)
+from trust_models import (
+    STATEFUL,
+    CoupledOutput,
+    NoGradOutput,
 )
 
 CHANGES = model_changes()
@@ -52,6 +54,20 @@ def test_change_between_calls(change: str, strategy: str, before: int) -> None:
     check_calls(f, x, strategy, before, label=f"{change}, before the change,")
     mutate()
     check_calls(f, x, strategy, AFTER, label=f"{change}, after the change,")
+
+
+OTHER_QUANTITIES = ("jacobian", "hessian_diag", "hvp", "derivatives")
+
+
+@schedules
+@pytest.mark.parametrize("change", ["swap_submodule", "widen_output", "python_attribute"])
+def test_change_between_calls_other_quantities(change: str, strategy: str, before: int) -> None:
+    """The same for jacobian, hessian_diag, hvp and derivatives."""
+    f, mutate = CHANGES[change]()
+    x = seeded_randn(B, D, seed=26)
+    check_calls(f, x, strategy, before, quantities=OTHER_QUANTITIES, label=f"{change}, before,")
+    mutate()
+    check_calls(f, x, strategy, AFTER, quantities=OTHER_QUANTITIES, label=f"{change}, after,")
 
 
 # 2. ------------------------------------------------------------------------------------

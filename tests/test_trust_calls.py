@@ -20,10 +20,20 @@ from trust_cases import (
     ALL,
     STRATEGIES,
     B,
+    D,
+    call,
+    check_calls,
+    close,
+    mlp,
+    schedules,
+    seeded_randn,
+    strategy_error_or_result,
+    want,
+)
+from trust_models import (
     CenterTail,
     Checkpointed,
     Chunked,
-    D,
     Detached,
     FunctionalDropout,
     GRULast,
@@ -32,15 +42,7 @@ from trust_cases import (
     RandNoise,
     SelfAttention,
     attention_settings,
-    call,
-    check_calls,
-    close,
     encoder_layer,
-    mlp,
-    schedules,
-    seeded_randn,
-    strategy_error_or_result,
-    want,
 )
 
 # 5. ------------------------------------------------------------------------------------
