@@ -58,11 +58,44 @@ def load_average() -> float | None:
         return None
 
 
+# XLA's CPU client has no thread-count option; these are the flags it honours (jax#743,
+# jax#1539): Eigen's intra-op pool off for one thread, and the intra-op thread count.
+XLA_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads")
+_XLA_LATE = False
+
+
+def xla_flags(threads: int, existing: str = "") -> str:
+    """``XLA_FLAGS`` giving XLA's CPU pool ``threads`` threads, other flags kept.
+
+    One thread: ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``; more:
+    Eigen's pool stays on, with ``intra_op_parallelism_threads=N``.
+    """
+    kept = [f for f in existing.split() if f.split("=", 1)[0] not in XLA_THREAD_FLAGS]
+    eigen = "false" if threads <= 1 else "true"
+    threads_flag = f"intra_op_parallelism_threads={max(1, threads)}"
+    return " ".join([*kept, f"--xla_cpu_multi_thread_eigen={eigen}", threads_flag])
+
+
+def configure_threads(threads: int) -> str:
+    """Gives torch and JAX/XLA ``threads`` threads each; returns the ``XLA_FLAGS`` set.
+
+    XLA reads ``XLA_FLAGS`` when jax initialises its CPU backend, so this runs before jax is
+    imported (the peers import it lazily); memory children inherit the environment.
+    """
+    global _XLA_LATE
+    torch.set_num_threads(threads)
+    flags = xla_flags(threads, os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = flags
+    _XLA_LATE = "jax" in sys.modules  # too late: its backend may have read the old flags
+    return flags
+
+
 def environment(threads: int) -> dict[str, Any]:
     """Versions, CPU, threads and time of the run.
 
     Args:
-        threads: The value given to ``torch.set_num_threads``.
+        threads: The value given to ``torch.set_num_threads`` (and XLA, see
+            :func:`configure_threads`).
     """
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -75,7 +108,12 @@ def environment(threads: int) -> dict[str, Any]:
         "versions": {p: _version(p) for p in PACKAGES},
         "git": _git_commit(),
         "load_average": load_average(),
-        "note": "JAX/XLA uses its own CPU thread pool (not set by torch.set_num_threads)",
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "note": (
+            "JAX/XLA's CPU pool gets the same threads through XLA_FLAGS"
+            if not _XLA_LATE
+            else "jax was imported before XLA_FLAGS was set: its thread pool is not limited"
+        ),
     }
 
 

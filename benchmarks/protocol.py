@@ -407,7 +407,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-warmup", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    machine.configure_threads(args.threads)  # also XLA's pool, before jax is imported
     print(json.dumps(memory_child(args.case, args.method, args.dtype, not args.no_warmup)))
     return 0
 

@@ -173,7 +173,8 @@ def markdown(run: Mapping[str, Any]) -> str:
         "# hesse benchmarks",
         "",
         f"{env['date']}, {env['cpu']}, {env['cores']} cores, torch threads "
-        f"{env['torch_threads']}, torch {env['versions']['torch']}, jax "
+        f"{env['torch_threads']} (XLA the same{'' if env.get('xla_flags') else ': not set'}), "
+        f"torch {env['versions']['torch']}, jax "
         f"{env['versions']['jax']}, hessQuik {env['versions']['hessquik']}, hesse "
         f"{env['versions']['hesse']} ({env['git']}). Matrix-multiply ceiling: {gemm}."
         + (" Heap cache on for every method." if "heap cache" in env.get("note", "") else ""),

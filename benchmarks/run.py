@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import tempfile
 import time
@@ -158,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status (0).
     """
     args = parse(argv)
+    machine.configure_threads(args.threads)  # torch and XLA, before jax is imported
     if args.list:
         print("cases:\n" + "\n".join(f"  {k}: {c.title}" for k, c in CASES.items()))
         print("methods:\n" + "\n".join(f"  {k}: {m.label}" for k, m in methods().items()))
@@ -171,7 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cap_s=args.cap or knobs["cap_s"],
         skip_slow_batched=knobs["skip_slow"],
     )
-    torch.set_num_threads(args.threads)
     if args.heap_cache:  # process-wide: peers benefit as much as hesse
         import hesse
 
@@ -179,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_memory = True  # kept freed memory would hide the measured call's peak
     start = time.perf_counter()
     gemm = {d: machine.gemm_gflops(protocol.DTYPES[d]) for d in args.dtypes}
-    _log(f"threads {args.threads}; GEMM GFLOP/s {gemm}")
+    _log(f"threads {args.threads} (XLA_FLAGS={os.environ['XLA_FLAGS']!r}); GEMM GFLOP/s {gemm}")
     env = machine.environment(args.threads)
     if args.heap_cache:
         env["note"] += "; glibc heap cache on for every method (hesse.set_heap_cache)"

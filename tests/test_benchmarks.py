@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def _raises(inst):
         raise RuntimeError("boom")
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _xla_flags(monkeypatch):
+    """``main`` sets XLA_FLAGS for the process; put the test process's value back after."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 
 
 @pytest.fixture
@@ -132,3 +139,22 @@ def test_rounds_interleave_methods_and_keep_the_least_disturbed_round(monkeypatc
     assert len(a.times_ms) == 6 and a.min_ms == 1000.0
     assert capped.capped and capped.times_ms == [99000.0] and capped.median_ms == 99000.0
     assert b.median_ms == 1000.0
+
+
+def test_threads_one_limits_xla_too(monkeypatch):
+    """``--threads 1`` gives XLA's CPU pool one thread as well (set before jax is
+    imported, inherited by the memory children) and the results record it."""
+    from benchmarks import machine
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=true")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the test's threads
+    assert main(["--threads", "1", "--list"]) == 0
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_cpu_multi_thread_eigen=false" in flags
+    assert "intra_op_parallelism_threads=1" in flags
+    assert "--xla_dump_to=/tmp/x" in flags  # the user's other flags are kept
+    assert "--xla_cpu_multi_thread_eigen=true" not in flags
+    assert "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]
+    assert machine.environment(1)["xla_flags"] == os.environ["XLA_FLAGS"]
+    two = machine.xla_flags(2).split()
+    assert "intra_op_parallelism_threads=2" in two and "--xla_cpu_multi_thread_eigen=true" in two
