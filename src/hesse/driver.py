@@ -21,10 +21,16 @@ import torch
 from torch.func import jvp, vjp
 from tqdm.auto import tqdm
 
-from .errors import FallbackWarning, HesseError, StrategyError, StrategyMismatchError
+from .errors import (
+    FallbackWarning,
+    HesseError,
+    StrategyError,
+    StrategyMismatchError,
+    UnsupportedModelError,
+)
 from .io import TensorSink
-from .planning.choice import chunking, failure_key
-from .planning.plan import Plan
+from .planning.choice import chunking, failure_key, make_plan
+from .planning.plan import Plan, Request
 from .planning.problem import Problem
 from .planning.tuning import clock
 from .quantities import QUANTITIES, Work
@@ -92,6 +98,63 @@ def _probe_modes_agree(problem: Problem) -> bool:
             "pass strategy='reverse' (or 'loop') to use reverse mode only."
         )
     return True
+
+
+def _first_order(problem: Problem, x: torch.Tensor, u: torch.Tensor, graph: bool):
+    """``(x as a leaf, the gradient of u . F at x)``; the gradient keeps a graph on request."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = problem.fn(leaf)
+        (g,) = torch.autograd.grad(
+            (out * u).sum(), leaf, create_graph=graph, allow_unused=True, materialize_grads=True
+        )
+    return leaf, g
+
+
+def _probe_double_backward(problem: Problem) -> bool:
+    """Checks that autograd's second derivative of f is not silently zero.
+
+    A custom ``autograd.Function`` whose backward is ``@once_differentiable`` (or runs
+    under ``no_grad``) gives a gradient that autograd believes constant, so
+    reverse-over-reverse returns zeros. When the Hessian-vector product of one sample is
+    exactly zero, central differences of the gradient at two step sizes decide: a real
+    curvature gives the same difference quotient at both, a kink (ReLU) one that grows as
+    the step shrinks, and a linear function none.
+
+    Raises:
+        UnsupportedModelError: The gradient changes with ``x`` but its derivative is zero.
+    """
+    x = problem.x[:1].detach()
+    gen = torch.Generator(device=x.device).manual_seed(1)
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    u = torch.randn((1, problem.m), generator=gen, dtype=x.dtype, device=x.device)
+    leaf, g = _first_order(problem, x, u, graph=True)
+    if g.requires_grad:
+        with torch.enable_grad():
+            (hv,) = torch.autograd.grad(
+                (g * v).sum(), leaf, allow_unused=True, materialize_grads=True
+            )
+        if bool((hv != 0).any()):
+            return True
+    f64 = x.dtype == torch.float64
+    step = (1e-4 if f64 else 3e-2) * (1.0 + float(x.abs().max()))
+    quotients = []
+    for eps in (step, step / 10):
+        up = _first_order(problem, x + eps * v, u, graph=False)[1]
+        down = _first_order(problem, x - eps * v, u, graph=False)[1]
+        quotients.append(float(((up - down) / (2 * eps)).norm()))
+    scale = 1.0 + float(g.detach().norm())
+    if max(quotients) <= (1e-6 if f64 else 1e-2) * scale:
+        return True  # the gradient does not change: a zero second derivative is right
+    big, small = quotients
+    if small > 3 * big:  # grows as the step shrinks: a kink, not a curvature
+        return True
+    raise UnsupportedModelError(
+        f"{problem.api}: autograd's second derivative of f is zero although its gradient "
+        f"changes with x (difference quotient {big:.3g}): a custom autograd.Function "
+        "in f has a backward marked @once_differentiable or computed without a graph. "
+        "Give it a differentiable backward (or a jvp and setup_context for torch.func)."
+    )
 
 
 def run_plan(
@@ -162,6 +225,9 @@ def _run_one(
         plan = plan.with_strategy(name, chunking(problem, plan.request, name))
     if st.capabilities.forward_ad:
         problem.fact(("modes_agree", _index_key(problem)), lambda: _probe_modes_agree(problem))
+    elif QUANTITIES[plan.quantity].second_order and not st.capabilities.whole_samples:
+        key = ("double_backward", _index_key(problem))
+        problem.fact(key, lambda: _probe_double_backward(problem))
     start = clock(problem.x.device)
     arrays = run_plan(problem, plan, v, create_graph, progress)
     return Outcome(arrays, name, clock(problem.x.device) - start, plan)
@@ -226,7 +292,7 @@ def execute(
 
 def _cannot_run(problem: Problem, plan: Plan, name: str, reason: str) -> str:
     """The message of a named strategy that failed, naming one that runs the model."""
-    working = _working_alternative(problem, plan, name)
+    working = working_alternative(problem, plan.request, name)
     fix = (
         f"strategy='{working}' runs it (or strategy='auto' picks one)"
         if working
@@ -235,21 +301,21 @@ def _cannot_run(problem: Problem, plan: Plan, name: str, reason: str) -> str:
     return f"{problem.api}: strategy '{name}' cannot run this model ({reason}); {fix}."
 
 
-def _working_alternative(problem: Problem, plan: Plan, failed: str) -> str | None:
+def working_alternative(problem: Problem, request: Request, failed: str) -> str | None:
     """The first other product strategy that computes the request on the first sample."""
     one = dataclasses.replace(problem, x=problem.x[:1].detach(), anchor=None)
     for other in ("vmap", "reverse", "loop"):
         if other == failed:
             continue
         st: Strategy = get_strategy(other)
-        if st.unsupported(one, plan.quantity, plan.request.create_graph) is not None:
+        if st.unsupported(one, request.quantity, request.create_graph) is not None:
             continue
-        direction = torch.ones_like(one.x) if plan.quantity == "hvp" else None
+        direction = torch.ones_like(one.x) if request.quantity == "hvp" else None
         try:
-            trial = plan.with_strategy(other, chunking(one, plan.request, other))
+            trial = make_plan(one, dataclasses.replace(request, strategy=other))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                run_plan(one, dataclasses.replace(trial, batch=1), direction, False, False)
+                run_plan(one, trial, direction, False, False)
         except Exception:  # this one cannot run it either
             continue
         return other

@@ -8,15 +8,16 @@ driver, and the layout the caller asked for.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .driver import Outcome, execute
-from .errors import StrategyError
-from .planning.choice import chunking, make_plan
+from .driver import Outcome, execute, working_alternative
+from .errors import HesseError, MemoryBudgetError, StrategyError
+from .planning.choice import Declined, chunking, make_plan
 from .planning.plan import Plan, Request, Tuning
 from .planning.problem import Problem, build_problem
 from .planning.scope import derivative_scope, preserved
@@ -27,6 +28,9 @@ from .settings import settings
 from .strategies import get_strategy
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+# torch.func's transforms keep their levels process-wide (forward-mode AD from two threads
+# at once fails or mixes), so hesse's calls run one at a time; reentrant for nested calls.
+_CALLS = threading.RLock()
 
 
 def _tuner(problem: Problem, request: Request, plan: Plan):
@@ -42,12 +46,37 @@ def _ran_key(problem: Problem, request: Request) -> tuple:
     return ("ran", *request.key(problem.index))  # qualified by the layout in Problem.fact
 
 
+def _declined(problem: Problem, request: Request, exc: Declined) -> HesseError:
+    """The typed error of a named strategy that declines: it names one that can."""
+    if exc.memory:
+        return MemoryBudgetError(
+            f"{problem.api}: strategy '{request.strategy}' cannot compute this within the "
+            f"budget: {exc.reason}. Raise max_memory, or use strategy='auto' (it picks a "
+            "strategy that works in chunks of rows)."
+        )
+    working = working_alternative(problem, request, request.strategy)
+    fix = f"strategy='{working}' can" if working else "no other strategy ran it either"
+    return StrategyError(
+        f"{problem.api}: strategy '{request.strategy}' cannot compute this: {exc.reason}. "
+        f"{fix} (strategy='auto' picks one that can)."
+    )
+
+
 def current_plan(problem: Problem, request: Request, pinned: Plan | None = None) -> Plan:
-    """The plan this call runs: a pinned plan while its capture holds, else the online one."""
+    """The plan this call runs: a pinned plan while its capture holds, else the online one.
+
+    Raises:
+        StrategyError: The named strategy declines (the message names one that can).
+        MemoryBudgetError: The result, or one sample of a whole-sample strategy, does not
+            fit in the budget.
+    """
     anchor = problem.anchor.capture if problem.anchor is not None else None
     if pinned is not None and anchor is not None and pinned.anchor is anchor:
         return pinned
-    plan = make_plan(problem, request)
+    try:
+        plan = make_plan(problem, request)
+    except Declined as exc:
+        raise _declined(problem, request, exc) from None
     tuner = _tuner(problem, request, plan)
     if tuner is not None:
         with anchor.lock:  # type: ignore[union-attr]
@@ -117,7 +146,7 @@ def run(
 ) -> Any:
     """Computes a request: the body of every public function and of ``Plan.__call__``."""
     check_request(request)
-    with derivative_scope(), preserved(f):
+    with _CALLS, derivative_scope(), preserved(f):
         problem = build_problem(
             request.api,
             f,
@@ -139,7 +168,7 @@ def run(
 def plan_of(request: Request, f: Fn, x: torch.Tensor) -> Plan:
     """The plan a call of ``request`` on ``(f, x)`` would run now; computes nothing."""
     check_request(request)
-    with derivative_scope(), preserved(f):
+    with _CALLS, derivative_scope(), preserved(f):
         capture = request.strategy in ("auto", "structured")
         problem = build_problem(request.api, f, x, request.output, request.batched, capture=capture)
         return current_plan(problem, request)
@@ -153,10 +182,13 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
     """
     request = plan.request
     rounds = max(2, int(rounds))
-    with derivative_scope(), preserved(plan.model):
+    with _CALLS, derivative_scope(), preserved(plan.model):
         problem = build_problem(request.api, plan.model, x, request.output, request.batched)
         flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
-        base = make_plan(problem, request)
+        try:
+            base = make_plan(problem, request)
+        except Declined as exc:
+            raise _declined(problem, request, exc) from None
         times: dict[str, tuple[float, ...]] = {}
         for name in base.candidates:
             trial = base.with_strategy(name, chunking(problem, request, name))

@@ -19,6 +19,7 @@ Before the engine uses it, the graph is made functional:
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class Graph:
         input_node: The placeholder of the model's input ``x``.
         output_node: The node of the model's output.
         constants: Values of ``get_attr`` nodes.
+        results: Every output of the graph: the model's output, and values TorchDynamo
+            returns to store them as state (a buffer reassigned in ``forward``).
     """
 
     module: fx.GraphModule
@@ -72,6 +75,17 @@ class Graph:
     input_node: fx.Node
     output_node: fx.Node
     constants: dict[fx.Node, Any]
+    results: tuple[Any, ...] = ()
+
+    def returning(self, index: int) -> Graph:
+        """The graph whose output is result ``index`` (the one the model returns).
+
+        Raises:
+            CaptureError: That result is not a tensor of the graph.
+        """
+        if not 0 <= index < len(self.results) or not isinstance(self.results[index], fx.Node):
+            raise CaptureError("the model's output is not a tensor computed by the graph")
+        return dataclasses.replace(self, output_node=self.results[index])
 
     def env(self, inputs: tuple[Any, ...], x: torch.Tensor) -> dict[fx.Node, Any]:
         """An environment with the graph's inputs bound, ``x`` for the model's input."""
@@ -224,8 +238,10 @@ def build_graph(gm: fx.GraphModule, x_position: int) -> Graph:
         steps.append(Step(node, call, rule, _label(node, rule), constant))  # type: ignore[arg-type]
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     results = output.args[0]
-    if not isinstance(results, (tuple, list)) or len(results) != 1:
-        raise CaptureError("the model returns more than one tensor")
-    if not isinstance(results[0], fx.Node):
+    if not isinstance(results, (tuple, list)) or not results:
+        raise CaptureError("the graph returns no tensor")
+    first = next((r for r in results if isinstance(r, fx.Node)), None)
+    if first is None:
         raise CaptureError("the model's output does not depend on the graph")
-    return Graph(gm, tuple(steps), placeholders, placeholders[x_position], results[0], constants)
+    x_node = placeholders[x_position]
+    return Graph(gm, tuple(steps), placeholders, x_node, first, constants, tuple(results))

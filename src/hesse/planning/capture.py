@@ -5,8 +5,9 @@ submodules, Python attributes that ``forward`` reads, branches, globals and clos
 hooks, training flags. hesse does not keep its own cache of graphs keyed on the model
 object (that cannot see such changes). It asks TorchDynamo, which tracks exactly this:
 
-``torch.compile(f, backend=<hesse's>, fullgraph=True, dynamic=False)`` is called on the
-input. On the first call, and whenever a guard fails, TorchDynamo hands the backend a new
+``torch.compile(lambda f, x: f(x), backend=<hesse's>, fullgraph=True, dynamic=False)`` is
+called with the model and the input (one compiled function for every model: the model is
+an input that TorchDynamo guards). On the first call, and whenever a guard fails, TorchDynamo hands the backend a new
 FX graph; the backend builds the engine's :class:`~hesse.engine.graph.Graph` from it and
 returns a stub. On every call the stub receives the graph's current inputs (the input,
 parameters, buffers and closed-over tensors, so in-place weight updates need no
@@ -23,6 +24,7 @@ TorchDynamo still runs eagerly is treated like one that cannot be captured.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +53,18 @@ class Capture:
     graph: Graph | CaptureError
     facts: dict[Any, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def resolve(self, index: int) -> None:
+        """Fixes the graph's output: result ``index`` is what the model returns."""
+        with self.lock:
+            if "output_index" in self.facts:
+                return
+            self.facts["output_index"] = index
+            if isinstance(self.graph, Graph):
+                try:
+                    self.graph = self.graph.returning(index)
+                except CaptureError as exc:
+                    self.graph = exc
 
     def fact(self, key: Any, derive: Callable[[], Any]) -> Any:
         """The fact ``key``, derived once per capture."""
@@ -90,7 +104,7 @@ class Bound:
 class _Request:
     def __init__(self, x: torch.Tensor):
         self.x = x
-        self.found: list[tuple[Capture, tuple[Any, ...]]] = []
+        self.found: list[tuple[Capture, tuple[Any, ...], tuple[torch.Tensor, ...]]] = []
 
 
 def _backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -113,10 +127,25 @@ def _backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..
         current: _Request | None = getattr(_LOCAL, "request", None)
         if current is None:  # called outside hesse: behave as the model
             return gm(*args)
-        current.found.append((capture, args))
-        return tuple(torch.empty(0) for _ in range(count))
+        markers = tuple(torch.empty(0) for _ in range(count))  # tell the results apart
+        current.found.append((capture, args, markers))
+        return markers
 
     return stub
+
+
+def _call(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Any:
+    """What TorchDynamo captures: ``f(x)``, with ``f`` an input it guards."""
+    return f(x)
+
+
+_COMPILED: list[Callable[..., Any]] = []  # torch.compile(_call, ...), made on first use
+
+
+def _compiled_call() -> Callable[..., Any]:
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_call, backend=_backend, fullgraph=True, dynamic=False))
+    return _COMPILED[0]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -151,8 +180,9 @@ def capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Bound
                 recompile_limit=_RECOMPILE_LIMIT,
                 accumulated_recompile_limit=_RECOMPILE_LIMIT,
             ):
-                compiled = torch.compile(f, backend=_backend, fullgraph=True, dynamic=False)
-                compiled(request.x)
+                with warnings.catch_warnings():  # the model's own warnings show in its calls
+                    warnings.simplefilter("ignore")
+                    returned = _compiled_call()(f, request.x)
         except Exception as exc:
             raise CaptureError(
                 f"TorchDynamo could not capture the model ({_first_line(exc)})"
@@ -161,7 +191,11 @@ def capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Bound
             _LOCAL.request = None
     if len(request.found) != 1:
         raise CaptureError("TorchDynamo ran the model without a graph")
-    found, inputs = request.found[0]
+    found, inputs, markers = request.found[0]
+    index = next((i for i, m in enumerate(markers) if m is returned), None)
+    if index is None:
+        raise CaptureError("the model does not return one tensor of its graph")
+    found.resolve(index)
     return Bound(found, inputs)
 
 

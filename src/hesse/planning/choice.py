@@ -36,24 +36,38 @@ SCRIPTED_ORDER = ("loop",)  # TorchScript: vmap and forward mode are unreliable 
 DEFAULT_BUDGET_FRACTION = 0.5  # of the device's free memory, when max_memory is None
 
 
+class Declined(Exception):
+    """A named strategy declines a request (internal; the front names one that can).
+
+    Attributes:
+        reason: Why.
+        memory: It declined because one sample does not fit in the budget.
+    """
+
+    def __init__(self, reason: str, memory: bool = False):
+        super().__init__(reason)
+        self.reason, self.memory = reason, memory
+
+
 def failure_key(name: str, quantity: str, create_graph: bool) -> tuple:
     """The fact under which a strategy's failure on a model is remembered."""
     return ("failed", name, quantity, create_graph)
 
 
-def _declines(st: Strategy, problem: Problem, request: Request) -> str | None:
+def _declines(st: Strategy, problem: Problem, request: Request) -> Declined | None:
     """Why a strategy declines the request up front (``None``: it accepts)."""
     if request.create_graph and not st.capabilities.differentiable:
-        return "cannot keep a graph (create_graph=True)"
+        return Declined("cannot keep a graph (create_graph=True)")
     if problem.scripted and st.capabilities.vmap:
-        return "TorchScript: vmap and forward mode are unreliable there"
+        return Declined("TorchScript: vmap and forward mode are unreliable there")
     reason = st.unsupported(problem, request.quantity, request.create_graph)
     if reason is not None:
-        return reason
+        return Declined(reason)
     failed = problem.fact(failure_key(st.name, request.quantity, request.create_graph), str)
     if failed:
-        return f"failed on this model before ({failed})"
-    return _too_big(st, problem, request)
+        return Declined(f"failed on this model before ({failed})")
+    too_big = _too_big(st, problem, request)
+    return None if too_big is None else Declined(too_big, memory=True)
 
 
 def _too_big(st: Strategy, problem: Problem, request: Request) -> str | None:
@@ -74,16 +88,14 @@ def candidate_order(
     """The strategies to try, cheapest first, a note on every candidate, and the costs.
 
     Raises:
-        StrategyError: A named strategy does not exist or declines the request.
+        StrategyError: A named strategy does not exist.
+        Declined: A named strategy declines the request.
     """
     if request.strategy != "auto":
         st = get_strategy(request.strategy, problem.api)
-        reason = _declines(st, problem, request)
-        if reason is not None:
-            raise StrategyError(
-                f"{problem.api}: strategy '{request.strategy}' cannot compute this: {reason}. "
-                "Use strategy='auto' to let hesse pick one that can."
-            )
+        declined = _declines(st, problem, request)
+        if declined is not None:
+            raise declined
         cost = st.estimate(problem, request.quantity)
         return (st.name,), ((st.name, f"{cost:.3g} MAC"),), {st.name: cost}
     if problem.scripted:
@@ -94,13 +106,13 @@ def candidate_order(
     notes, costs = [], {}
     for name in names:
         st = get_strategy(name)
-        reason = _declines(st, problem, request)
-        if reason is None:
+        declined = _declines(st, problem, request)
+        if declined is None:
             costs[name] = st.estimate(problem, request.quantity)
             detail = st.describe(problem, request.quantity)
             notes.append((name, f"{costs[name]:.3g} MAC" + (f" ({detail})" if detail else "")))
         else:
-            notes.append((name, f"n/a: {reason}"))
+            notes.append((name, f"n/a: {declined.reason}"))
     ordered = tuple(sorted(costs, key=lambda k: costs[k]))
     return ordered, tuple(notes), costs
 
@@ -199,6 +211,7 @@ def make_plan(problem: Problem, request: Request, order: tuple[str, ...] | None 
 
     Raises:
         StrategyError: No strategy can compute the request.
+        Declined: The named strategy declines it.
         MemoryBudgetError: The result does not fit in the budget.
     """
     candidates, notes, costs = candidate_order(problem, request)
