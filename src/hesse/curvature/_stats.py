@@ -83,12 +83,14 @@ class Running:
         self.count = torch.zeros(batch, dtype=torch.long, device=like.device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=like.device)
 
-    def add(self, values: torch.Tensor) -> None:
-        """Adds ``values`` ``(B, k, *E)`` for the samples not yet done."""
-        live = (~self.done).reshape(-1, *([1] * (values.dim() - 2)))
-        self.sum = self.sum + torch.where(live, values.sum(1), 0)
-        self.sumsq = self.sumsq + torch.where(live, (values**2).sum(1), 0)
-        self.count = self.count + torch.where(self.done, 0, values.shape[1])
+    def add(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Adds ``values`` ``(B, k, *E)``: the columns ``mask`` ``(B, k)`` allows, if given."""
+        if mask is None:
+            mask = (~self.done)[:, None].expand(values.shape[:2])
+        live = mask.reshape(*mask.shape, *([1] * (values.dim() - 2)))
+        self.sum = self.sum + torch.where(live, values, 0).sum(1)
+        self.sumsq = self.sumsq + torch.where(live, values**2, 0).sum(1)
+        self.count = self.count + mask.sum(1)
 
     def _c(self) -> torch.Tensor:
         return self.count.to(self.sum.dtype).reshape(-1, *([1] * (self.sum.dim() - 1)))

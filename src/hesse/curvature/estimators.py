@@ -294,8 +294,8 @@ def laplacian_estimate(
                 if num is None and not bool(run.done.all()):
                     est = exact()
                 else:
-                    c = run.count
-                    est = Estimate(run.mean, run.stderr, c, c, False, "hutchinson")
+                    m, c = run.matvecs, run.count
+                    est = Estimate(run.mean, run.stderr, m, c, False, "hutchinson")
     except UnsupportedInputError:
         raise
     except Exception as exc:

@@ -157,7 +157,7 @@ def thick_restart_eigs(
     vectors = torch.zeros(P, n, k, dtype=dtype, device=device)
     resid = torch.full((P, k), float("inf"), dtype=dtype, device=device)
     start = 0
-    for _ in range(max(1, max_iter)):
+    for cycle in range(max(1, max_iter)):
         beta = extend(apply, V, T, start, m, generator)
         theta, Y = torch.linalg.eigh(T)
         r_all = (beta[:, None] * Y[:, -1, :]).abs()
@@ -175,7 +175,7 @@ def thick_restart_eigs(
             vectors = torch.where(new[:, None, None], vec, vectors)
             resid = torch.where(new[:, None], res, resid)
             done = done | new
-        if bool(done.all()):
+        if bool(done.all()) or cycle == max_iter - 1:
             break
         # thick restart: keep the `keep` wanted Ritz vectors, continue from v_{m+1}
         kidx = select(theta, keep, which)

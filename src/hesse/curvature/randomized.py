@@ -25,6 +25,7 @@ from ._stats import Running
 
 Apply = Callable[[torch.Tensor], torch.Tensor]
 Draw = Callable[[int], torch.Tensor]
+INFLATE = 2.0  # NOTE: [two-stage sampling]
 Result = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -47,23 +48,77 @@ def sample_loop(
     block: int,
     cap: int,
 ) -> Running:
-    """Draws samples ``(B, k, *E)`` until ``num`` are in, or until each sample's tolerance.
+    """Draws samples ``(B, k, *E)``: ``num`` of them, or enough for each sample's tolerance.
 
-    With a tolerance, at least ``block`` samples are drawn, then ``block`` at a time,
-    each sample stopping when :func:`met`; the loop ends when all stopped or at ``cap``.
+    With a tolerance it runs Stein's two-stage scheme (NOTE: [two-stage sampling]); the
+    returned :class:`Running` then has ``matvecs`` (all samples drawn per sample) and
+    ``done`` (tolerance met) set.
     """
-    run = Running(batch, extra, like)
-    total = num if num is not None else cap
-    drawn = 0
-    while drawn < total:
-        k = min(block, total - drawn)
-        run.add(sample(k))
-        drawn += k
-        if num is None and drawn >= block:
-            run.done = run.done | met(run.mean, run.stderr, rtol, atol)
-            if bool(run.done.all()):
-                break
-    return run
+    if num is not None:
+        run = Running(batch, extra, like)
+        for start in range(0, num, block):
+            run.add(sample(min(block, num - start)))
+        run.matvecs, run.done = run.count, torch.ones_like(run.done)
+        return run
+    return _two_stage(sample, batch, extra, like, rtol, atol, block, cap)
+
+
+# NOTE: [two-stage sampling] Stopping as soon as the running standard error is below the
+# tolerance stops more often when the variance happens to be underestimated, and the
+# intervals then cover less than they claim (93.7% at a nominal 95% in our tests). So a
+# pilot of ``block`` samples only sizes the next stage, ``N = var / tol^2`` samples drawn
+# afresh (``INFLATE`` times the pilot estimate, so that most stages meet the tolerance),
+# and the estimate and its error come from that stage alone (Stein 1945): the
+# number of samples does not depend on them. A stage that misses the tolerance sizes the
+# next one the same way.
+def _two_stage(
+    sample: Callable[[int], torch.Tensor],
+    batch: int,
+    extra: tuple[int, ...],
+    like: torch.Tensor,
+    rtol: float,
+    atol: float,
+    block: int,
+    cap: int,
+) -> Running:
+    cur = Running(batch, extra, like)
+    cur.add(sample(block))
+    used = cur.count.clone()
+    out = cur
+    done = torch.zeros(batch, dtype=torch.bool, device=like.device)
+    while True:
+        mean, err = cur.mean.reshape(batch, -1), cur.stderr.reshape(batch, -1)
+        var = (err**2).amax(1) * cur.count.clamp_min(1)
+        thr = torch.clamp(rtol * mean.abs().amax(1), min=atol).clamp_min(1e-300)
+        need = torch.ceil(INFLATE * var / thr**2).clamp(min=block).to(torch.long)
+        need = torch.minimum(need, (cap - used).clamp_min(0))
+        active = ~done & (need >= 2)
+        if not bool(active.any()):
+            break
+        stage = Running(batch, extra, like)
+        total = int(need[active].max())
+        for start in range(0, total, 4 * block):
+            k = min(4 * block, total - start)
+            cols = start + torch.arange(k, device=like.device)
+            stage.add(sample(k), (cols[None, :] < need[:, None]) & active[:, None])
+        used = used + torch.where(active, need, 0)
+        out = _merge(out, stage, active)
+        done = done | (active & met(stage.mean, stage.stderr, rtol, atol)) | (used >= cap)
+        cur = _merge(cur, stage, active)
+        if bool(done.all()):
+            break
+    out.matvecs = used
+    out.done = met(out.mean, out.stderr, rtol, atol)
+    return out
+
+
+def _merge(old: Running, new: Running, take: torch.Tensor) -> Running:
+    """``new``'s statistics where ``take`` ``(B,)``, else ``old``'s."""
+    shape = (-1, *([1] * (old.sum.dim() - 1)))
+    old.sum = torch.where(take.reshape(shape), new.sum, old.sum)
+    old.sumsq = torch.where(take.reshape(shape), new.sumsq, old.sumsq)
+    old.count = torch.where(take, new.count, old.count)
+    return old
 
 
 def hutchinson(
@@ -79,7 +134,7 @@ def hutchinson(
         return (z * az).transpose(1, 2) if diag else (z * az).sum(1)
 
     run = sample_loop(sample, B, (n,) if diag else (), like, num, rtol, atol, block, cap)
-    return run.mean, run.stderr, run.count, run.count, run.done | (num is not None)
+    return run.mean, run.stderr, run.matvecs, run.count, run.done
 
 
 def hutch_plus_plus(
@@ -98,8 +153,7 @@ def hutch_plus_plus(
 
     rest = None if num is None else num - 2 * sketch
     run = sample_loop(sample, B, (), like, rest, rtol, atol, block, cap - 2 * sketch)
-    done = run.done | (num is not None)
-    return exact_part + run.mean, run.stderr, run.count + 2 * sketch, run.count, done
+    return exact_part + run.mean, run.stderr, run.matvecs + 2 * sketch, run.count, run.done
 
 
 def _deflate(X: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
