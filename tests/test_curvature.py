@@ -106,7 +106,7 @@ def test_operator_errors_name_the_fix():
     batched = hesse.hessian_operator(f, torch.randn(2, 12), output=0, batched=True)
     with pytest.raises(hesse.UnsupportedInputError, match="holds B=2 samples"):
         batched.to_scipy()
-    with pytest.raises(hesse.UnsupportedInputError, match="expected x to be a torch.Tensor"):
+    with pytest.raises(hesse.UnsupportedInputError, match=r"expected x to be a torch\.Tensor"):
         hesse.hessian_operator(f, [1.0], output=0)
 
 

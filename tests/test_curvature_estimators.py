@@ -66,9 +66,7 @@ def test_hutch_plus_plus_and_xtrace_beat_hutchinson_on_a_decaying_spectrum():
     x = torch.randn(64, n)
     errs = {}
     for method in ["hutchinson", "hutch++", "xtrace"]:
-        est = hesse.trace_estimate(
-            f, x, method=method, batched=True, num_matvecs=36, generator=g
-        )
+        est = hesse.trace_estimate(f, x, method=method, batched=True, num_matvecs=36, generator=g)
         errs[method] = float((est.value - A.trace()).abs().mean())
     assert errs["xtrace"] < errs["hutchinson"] / 10
     assert errs["hutch++"] < errs["hutchinson"] / 10
@@ -89,14 +87,13 @@ def test_diag_estimates(method):
 
 
 def test_adaptive_trace_stops_at_the_tolerance_per_sample():
-    f, A = quadratic(120, spread=0.2)
+    f, _ = quadratic(120, spread=0.2)
     x = torch.randn(6, 120)
     est = hesse.trace_estimate(f, x, batched=True, rtol=0.03)
     assert not est.exact
     assert bool((est.stderr <= 0.03 * est.value.abs()).all())
-    assert est.samples is est.matvecs or torch.equal(
-        torch.as_tensor(est.samples), torch.as_tensor(est.matvecs)
-    )
+    # the pilot sizes the stage and is not counted in samples (NOTE: [two-stage sampling])
+    assert bool((torch.as_tensor(est.matvecs) - torch.as_tensor(est.samples) >= 10).all())
     est = hesse.trace_estimate(f, x[0], atol=1e-9)  # unreachable: n products -> exact
     assert est.exact
     with pytest.warns(hesse.ConvergenceWarning, match="max_matvecs=20"):
