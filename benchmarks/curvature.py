@@ -55,6 +55,7 @@ def large(k: int = 10, tol: float = 1e-6) -> dict:
     op = hesse.hessian_operator(model, x, output=3, batched=True)
     vals, _, res = op.eigs(k, tol=tol, generator=torch.Generator().manual_seed(0))
     out["hesse"] = {"s": time.perf_counter() - t, "matvecs": op.matvecs}
+    print("hesse", out["hesse"], flush=True)
     ours = vals[0].numpy()
 
     op2 = hesse.hessian_operator(model, x, output=3, batched=True)
@@ -70,7 +71,7 @@ def large(k: int = 10, tol: float = 1e-6) -> dict:
     def fresh(v: np.ndarray) -> np.ndarray:
         count[0] += 1
         t_v = torch.from_numpy(np.ascontiguousarray(v.reshape(-1)))
-        return jvp(grad(scalar), (xf,), (t_v,))[1].numpy().reshape(v.shape)
+        return jvp(grad(scalar), (xf,), (t_v,))[1].detach().numpy().reshape(v.shape)
 
     base_op = LinearOperator((n, n), matvec=fresh, dtype=np.float64)
     t = time.perf_counter()
