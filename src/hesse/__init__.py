@@ -14,8 +14,20 @@ from .api import jacobian as jacobian
 # planning
 from .api import plan as plan
 
+# input-space curvature without forming H
+from .curvature import Estimate as Estimate
+from .curvature import HessianOperator as HessianOperator
+from .curvature import Spectrum as Spectrum
+from .curvature import diag_estimate as diag_estimate
+from .curvature import hessian_eigs as hessian_eigs
+from .curvature import hessian_operator as hessian_operator
+from .curvature import hessian_spectrum as hessian_spectrum
+from .curvature import laplacian_estimate as laplacian_estimate
+from .curvature import trace_estimate as trace_estimate
+
 # errors and warnings
 from .errors import BatchCouplingError as BatchCouplingError
+from .errors import ConvergenceWarning as ConvergenceWarning
 from .errors import DeviceMismatchError as DeviceMismatchError
 from .errors import FallbackWarning as FallbackWarning
 from .errors import HesseError as HesseError
@@ -55,10 +67,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchCouplingError",
+    "ConvergenceWarning",
     "DeviceMismatchError",
+    "Estimate",
     "FallbackWarning",
     "HesseError",
     "HesseWarning",
+    "HessianOperator",
     "MemoryBudgetError",
     "NonDeterministicModelError",
     "NonFiniteError",
@@ -67,6 +82,7 @@ __all__ = [
     "PiecewiseLinearWarning",
     "Plan",
     "PrecisionWarning",
+    "Spectrum",
     "Strategy",
     "StrategyError",
     "StrategyMismatchError",
@@ -76,13 +92,19 @@ __all__ = [
     "ZeroDerivativeWarning",
     "available_strategies",
     "derivatives",
+    "diag_estimate",
     "hessian",
     "hessian_diag",
+    "hessian_eigs",
+    "hessian_operator",
+    "hessian_spectrum",
     "hvp",
     "jacobian",
     "laplacian",
+    "laplacian_estimate",
     "plan",
     "register_strategy",
     "set_heap_cache",
     "settings",
+    "trace_estimate",
 ]

@@ -76,3 +76,7 @@ class PrecisionWarning(HesseWarning):
 
 class NonFiniteResultWarning(HesseWarning):
     """The result holds NaN or Inf although the input was finite."""
+
+
+class ConvergenceWarning(HesseWarning):
+    """An iterative method (Lanczos, an adaptive estimate) stopped before its tolerance."""
