@@ -149,37 +149,40 @@ def chunking(problem: Problem, request: Request, name: str) -> Chunking:
     budget = budget_bytes(problem, request)
     items = QUANTITIES[request.quantity].items(problem, strategy)
     result = result_bytes(problem, request.quantity, strategy)
+    per_row = 3 * problem.n * problem.x.element_size()  # directions, products, result rows
     if caps.whole_samples and callable(getattr(strategy, "sample_bytes", None)):
         per_sample = int(strategy.sample_bytes(problem, request.quantity))  # type: ignore[attr-defined]
-        per_item = max(1, per_sample // max(items, 1))
+        graph, per_item = 0, max(1, per_sample // max(items, 1))
+    elif caps.sequential:  # one graph per sample; items add their rows only
+        graph = int(strategy.memory_factor * max(problem.saved_bytes, 1))
+        per_item = per_row
     else:
-        per_item = int(strategy.memory_factor * max(problem.saved_bytes, 1))
-        per_item += 3 * problem.n * problem.x.element_size()
-    _check_fits(problem, request, result, per_item, budget)
+        graph, per_item = 0, int(strategy.memory_factor * max(problem.saved_bytes, 1)) + per_row
+    _check_fits(problem, request, result, graph + per_item, budget)
     if request.chunk_size is not None:
         units, why = request.chunk_size, f"chunk_size={request.chunk_size}"
     else:
-        units = max(1, (budget - result) // per_item)
+        units = max(1, (budget - result - graph) // per_item)
         why = (
             "all work in one step fits the budget"
             if units >= items * problem.batch
             else f"steps sized to the budget ({format_bytes(budget)})"
         )
-    if caps.sequential or caps.whole_samples:
+    if caps.whole_samples:
         rows, samples = items, max(1, min(problem.batch, units // max(items, 1)))
     elif units >= items:
         rows, samples = items, max(1, min(problem.batch, units // items))
     else:
         rows, samples = units, 1
     steps = -(-problem.batch // samples) * -(-max(items, 1) // max(rows, 1))
-    step_units = samples if caps.sequential else samples * rows
+    step_bytes = samples * graph + samples * rows * per_item
     return Chunking(
         items=items,
         samples_per_step=samples,
         rows_per_step=rows,
         steps=steps,
         result_bytes=result,
-        step_bytes=step_units * per_item,
+        step_bytes=step_bytes,
         budget_bytes=budget,
         why=why,
     )

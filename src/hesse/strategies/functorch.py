@@ -46,7 +46,7 @@ class ForwardOverReverse(_FunctorchBase):
 
     name: ClassVar[str] = "vmap"
     capabilities: ClassVar[Capabilities] = Capabilities(vmap=True, forward_ad=True, jvps=True)
-    memory_factor: ClassVar[float] = 4.0
+    memory_factor: ClassVar[float] = 6.0
     passes_per_item: ClassVar[float] = 4.0
     description: ClassVar[str] = "forward-over-reverse HVPs, vectorised with torch.func.vmap"
 
@@ -71,7 +71,7 @@ class ReverseOverReverse(_FunctorchBase):
 
     name: ClassVar[str] = "reverse"
     capabilities: ClassVar[Capabilities] = Capabilities(vmap=True, forward_ad=False)
-    memory_factor: ClassVar[float] = 5.0
+    memory_factor: ClassVar[float] = 7.0
     description: ClassVar[str] = "reverse-over-reverse HVPs, vectorised with torch.func.vmap"
 
     def hvps(
