@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch.func import jvp, vmap
 
-from ..planning.problem import Problem, Selection, build_problem
 from ..errors import ConvergenceWarning, StrategyError, UnsupportedInputError
+from ..planning.problem import Problem, Selection, build_problem
 from ..reduced import hessian_diag, laplacian
 from ._stats import Estimate, check_budget
 from .lanczos import random_start

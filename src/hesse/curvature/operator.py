@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, vjp, vmap
 
-from ..planning.problem import Problem, Selection, build_problem
 from ..errors import FallbackWarning, NonFiniteError, OutputSelectionError, UnsupportedInputError
+from ..planning.problem import Problem, Selection, build_problem
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Hvps = Callable[[torch.Tensor], torch.Tensor]

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..planning.problem import Selection
 from ..errors import ConvergenceWarning, UnsupportedInputError
+from ..planning.problem import Selection
 from .lanczos import lanczos_quadrature, random_start, thick_restart_eigs
 from .operator import HessianOperator, hessian_operator
 

@@ -7,8 +7,8 @@ object (that cannot see such changes). It asks TorchDynamo, which tracks exactly
 
 ``torch.compile(lambda f, x: f(x), backend=<hesse's>, fullgraph=True, dynamic=False)`` is
 called with the model and the input (one compiled function for every model: the model is
-an input that TorchDynamo guards). On the first call, and whenever a guard fails, TorchDynamo hands the backend a new
-FX graph; the backend builds the engine's :class:`~hesse.engine.graph.Graph` from it and
+an input that TorchDynamo guards). On the first call, and whenever a guard fails,
+TorchDynamo hands the backend a new FX graph; the backend builds the engine's :class:`~hesse.engine.graph.Graph` from it and
 returns a stub. On every call the stub receives the graph's current inputs (the input,
 parameters, buffers and closed-over tensors, so in-place weight updates need no
 re-capture) and hands them to hesse instead of running the model. The stub's
@@ -175,14 +175,16 @@ def capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Bound
     with _LOCK:
         _LOCAL.request = request
         try:
-            with dynamo.config.patch(
-                skip_nnmodule_hook_guards=False,
-                recompile_limit=_RECOMPILE_LIMIT,
-                accumulated_recompile_limit=_RECOMPILE_LIMIT,
-            ):
-                with warnings.catch_warnings():  # the model's own warnings show in its calls
-                    warnings.simplefilter("ignore")
-                    returned = _compiled_call()(f, request.x)
+            with (
+                dynamo.config.patch(
+                    skip_nnmodule_hook_guards=False,
+                    recompile_limit=_RECOMPILE_LIMIT,
+                    accumulated_recompile_limit=_RECOMPILE_LIMIT,
+                ),
+                warnings.catch_warnings(),
+            ):  # the model's own warnings show in its calls
+                warnings.simplefilter("ignore")
+                returned = _compiled_call()(f, request.x)
         except Exception as exc:
             raise CaptureError(
                 f"TorchDynamo could not capture the model ({_first_line(exc)})"
