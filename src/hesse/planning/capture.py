@@ -8,8 +8,8 @@ object (that cannot see such changes). It asks TorchDynamo, which tracks exactly
 ``torch.compile(lambda f, x: f(x), backend=<hesse's>, fullgraph=True, dynamic=False)`` is
 called with the model and the input (one compiled function for every model: the model is
 an input that TorchDynamo guards). On the first call, and whenever a guard fails,
-TorchDynamo hands the backend a new FX graph; the backend builds the engine's :class:`~hesse.engine.graph.Graph` from it and
-returns a stub. On every call the stub receives the graph's current inputs (the input,
+TorchDynamo hands the backend a new FX graph; the backend builds the engine's
+:class:`~hesse.engine.graph.Graph` from it and returns a stub. On every call the stub receives the graph's current inputs (the input,
 parameters, buffers and closed-over tensors, so in-place weight updates need no
 re-capture) and hands them to hesse instead of running the model. The stub's
 :class:`Capture` is the *anchor* of everything derived from the model: probes, cost
