@@ -6,14 +6,14 @@ hooks, training flags. hesse does not keep its own cache of graphs keyed on the 
 object (that cannot see such changes). It asks TorchDynamo, which tracks exactly this:
 
 ``torch.compile(lambda f, x: f(x), backend=<hesse's>, fullgraph=True, dynamic=False)`` is
-called with the model and the input (one compiled function for every model: the model is
-an input that TorchDynamo guards). On the first call, and whenever a guard fails,
-TorchDynamo hands the backend a new FX graph; the backend builds the engine's
-:class:`~hesse.engine.graph.Graph` from it and returns a stub. On every call the stub receives the graph's current inputs (the input,
-parameters, buffers and closed-over tensors, so in-place weight updates need no
-re-capture) and hands them to hesse instead of running the model. The stub's
-:class:`Capture` is the *anchor* of everything derived from the model: probes, cost
-estimates, plans and tuning are kept on it and die with it.
+called with the model and the input (one compiled function for every model: the model is an
+input that TorchDynamo guards). On the first call, and whenever a guard fails, TorchDynamo
+hands the backend a new FX graph; the backend builds the engine's
+:class:`~hesse.engine.graph.Graph` from it and returns a stub. On every call the stub
+receives the graph's current inputs (the input, parameters, buffers and closed-over tensors,
+so in-place weight updates need no re-capture) and hands them to hesse instead of running
+the model. The stub's :class:`Capture` is the *anchor* of everything derived from the model:
+probes, cost estimates, plans and tuning are kept on it and die with it.
 
 TorchDynamo's settings are patched for hesse's calls only, under a lock: forward hooks
 are guarded (``skip_nnmodule_hook_guards=False``), and the recompile limits are raised
