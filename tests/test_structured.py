@@ -598,3 +598,52 @@ def test_failed_compile_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPa
     finally:
         kernels._COMPILED.clear()
         kernels._FAILED.clear()
+
+
+@pytest.mark.parametrize("quantity", ["hessian", "hessian_diag", "laplacian", "jacobian"])
+def test_derivative_program_matches_interpretation(quantity: str) -> None:
+    """From the third call of a request on, the engine runs its emitted program."""
+    from hesse.strategies.structured import PROGRAM_AFTER
+
+    torch.manual_seed(5)
+    model = MODELS["mlp-tanh"][0]().to(DT)
+    x = torch.randn(4, 4, dtype=DT)
+    fn = getattr(hesse, quantity)
+    want = fn(model, x, batched=True, strategy="structured")  # interpreted
+    for call in range(PROGRAM_AFTER + 3):
+        got = fn(model, x, batched=True, strategy="structured")
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13, msg=f"call {call}")
+    from hesse.engine.program import Program
+
+    facts = capture(model, x).capture.facts.values()
+    key = {"hessian_diag": "diag"}.get(quantity, quantity)
+    programs = [v for v in facts if isinstance(v, Program) and v.keys == (key,)]
+    assert len(programs) == 1 and programs[0].nodes > 0  # it ran a program, not a fallback
+    with torch.no_grad():  # the program reads the weights at every call
+        model[0].weight.mul_(1.5)
+    ref = _reference(model, x, {"hessian_diag": "diag"}.get(quantity, quantity))
+    if quantity == "jacobian":
+        ref = vmap(jacrev(lambda z: model(z[None])[0]))(x)
+    elif quantity == "hessian_diag":
+        ref = _reference(model, x, "hessian").diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(fn(model, x, batched=True, strategy="structured"), ref)
+    got = fn(model, x, batched=True, strategy="structured", output=[1])  # another program
+    torch.testing.assert_close(got, ref[:, 1:2], rtol=1e-10, atol=1e-12)
+
+
+def test_derivative_program_keeps_the_graph() -> None:
+    """``create_graph=True`` through the emitted program: gradients to x and the weights."""
+    model = MODELS["mlp-tanh"][0]().to(DT)
+    x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    params = dict(model.named_parameters())
+    f = lambda p, z: torch.func.functional_call(model, p, (z,))  # noqa: E731
+    for _ in range(4):  # the last calls run the program
+        got = hesse.laplacian(model, x, batched=True, strategy="structured", create_graph=True)
+    want = vmap(hessian(lambda z: f(params, z[None])[0]))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    inputs = [x, *params.values()]
+    kw = {"allow_unused": True, "materialize_grads": True}
+    grads = torch.autograd.grad(got.sum(), inputs, **kw)
+    wants = torch.autograd.grad(want.sum(), inputs, **kw)
+    for g, w in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)

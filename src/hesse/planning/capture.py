@@ -54,6 +54,12 @@ class Capture:
     facts: dict[Any, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def count(self, key: Any) -> int:
+        """Counts a call of ``key`` on this capture; returns the count so far."""
+        with self.lock:
+            self.facts[key] = self.facts.get(key, 0) + 1
+            return self.facts[key]
+
     def resolve(self, index: int) -> None:
         """Fixes the graph's output: result ``index`` is what the model returns."""
         with self.lock:

@@ -34,6 +34,11 @@ AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
 }
 SCRIPTED_ORDER = ("loop",)  # TorchScript: vmap and forward mode are unreliable there
 DEFAULT_BUDGET_FRACTION = 0.5  # of the device's free memory, when max_memory is None
+# Normalisations whose forward-mode AD torch gets wrong beyond second order (measured in
+# torch 2.13: d/dx of a Laplacian through layer_norm by forward-over-reverse is off by O(1);
+# see also pytorch#196700, #196699, #198017). With create_graph=True, strategies that push
+# tangents forward through them decline; reverse mode is right.
+FORWARD_AD_UNSAFE = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm")
 
 
 class Declined(Exception):
@@ -60,6 +65,13 @@ def _declines(st: Strategy, problem: Problem, request: Request) -> Declined | No
         return Declined("cannot keep a graph (create_graph=True)")
     if problem.scripted and st.capabilities.vmap:
         return Declined("TorchScript: vmap and forward mode are unreliable there")
+    pushes_forward = st.capabilities.forward_ad or st.capabilities.whole_samples
+    unsafe = sorted(op for op in problem.ops if op in FORWARD_AD_UNSAFE)
+    if request.create_graph and pushes_forward and unsafe:
+        return Declined(
+            f"create_graph=True through {', '.join(unsafe)} needs third derivatives, which "
+            "torch's forward-mode AD gets wrong there; reverse mode is right"
+        )
     reason = st.unsupported(problem, request.quantity, request.create_graph)
     if reason is not None:
         return Declined(reason)

@@ -64,6 +64,7 @@ class Problem:
         capture_failure: Why the model could not be captured.
         saved_bytes: Bytes of activations autograd saves in one forward of one sample.
         forward_macs: Multiply-adds of one forward pass of one sample.
+        ops: Names of the torch functions the model calls (seen in the probe).
     """
 
     api: str
@@ -83,6 +84,7 @@ class Problem:
     capture_failure: str | None
     saved_bytes: int
     forward_macs: float
+    ops: frozenset[str] = frozenset()
 
     @property
     def batch(self) -> int:
@@ -253,7 +255,7 @@ def build_problem(
     def fact(key: Hashable, derive: Callable[[], Any]) -> Any:  # as Problem.fact
         return derive() if anchor is None else anchor.capture.fact((batched, key), derive)
 
-    out_shape, piecewise = fact("probe", lambda: _probe(api, f, flat_x, in_shape, batched))
+    out_shape, piecewise, ops = fact("probe", lambda: _probe(api, f, flat_x, in_shape, batched))
     index, sel_shape = select_outputs(api, output, out_shape, x.device)
     fn = _canonical(f, in_shape, batched, index)
     if batched and flat_x.shape[0] >= 2:
@@ -281,13 +283,14 @@ def build_problem(
         capture_failure=None if anchor is not None else str(bound),
         saved_bytes=saved,
         forward_macs=macs,
+        ops=ops,
     )
 
 
 def _probe(
     api: str, f: Callable, flat_x: torch.Tensor, in_shape: torch.Size, batched: bool
-) -> tuple[torch.Size, list[str]]:
-    """One forward pass of one sample: the per-sample output shape and piecewise ops.
+) -> tuple[torch.Size, list[str], frozenset[str]]:
+    """One forward pass of one sample: the output shape, piecewise ops and every op called.
 
     The sample is run twice (with the caller's random state put back): a model whose
     output changes between two calls on the same input is random, and so would be its
@@ -316,7 +319,8 @@ def _probe(
         ) from exc
     out = check_output(api, out, count if batched else None)
     check_deterministic(api, out, again, recorder.random_ops())
-    return (out.shape[1:] if batched else out.shape), recorder.piecewise_linear()
+    shape = out.shape[1:] if batched else out.shape
+    return shape, recorder.piecewise_linear(), frozenset(recorder.names)
 
 
 def _devices(x: torch.Tensor) -> list[int]:

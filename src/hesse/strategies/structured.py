@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 
 from ..engine import CaptureError, GraphCost, graph_cost, structured_pass
+from ..engine.program import Program, emit
+from ..settings import settings
 from ..planning.capture import Bound, capture
 from ..planning.problem import Problem
 from .base import Capabilities, register_strategy
@@ -57,6 +59,33 @@ def cost(problem: Problem) -> GraphCost:
         return graph_cost(graph, bound.inputs, x, problem.n, problem.batch)
 
     return problem.fact("graph_cost", derive)
+
+
+PROGRAM_AFTER = 2  # calls of a request interpreted before its program is emitted
+
+
+def _program(problem: Problem, bound: Bound, x: torch.Tensor, args: tuple) -> Program | None:
+    """The request's derivative program, emitted on its third call (see :mod:`..engine.program`).
+
+    Kept on the sub-batch's capture under everything the program bakes in: the layout, the
+    sub-batch shape, the arrays, the selected outputs, the engine mode and the compile
+    setting. A program that cannot be traced is not tried again; the engine interprets.
+    """
+    _, batch, index, want, mode = args
+    compile_ = settings.current().compile
+    selected = None if index is None else tuple(index.tolist())
+    key = ("program", problem.batched, tuple(x.shape), x.dtype, tuple(sorted(want)), selected)
+    key = (*key, mode, compile_)
+    if bound.capture.count(("calls", *key)) <= PROGRAM_AFTER:
+        return None
+
+    def derive() -> Program | None:
+        try:
+            return emit(bound.graph, bound.inputs, x, *args, compile_=compile_)
+        except Exception:  # tracing failed: keep interpreting
+            return None
+
+    return bound.capture.fact(key, derive)
 
 
 class Structured:
@@ -114,17 +143,13 @@ class Structured:
         shape = _model_shape(problem, s)
         mode, _ = cost(problem).best(quantity, problem.m)
         bound = _bound(problem, x)
-        out = structured_pass(
-            bound.graph,
-            bound.inputs,
-            x,
-            lambda t: t.reshape(shape),
-            s if problem.batched else 1,
-            problem.index,
-            WANTS[quantity],
-            mode,
-            differentiable=create_graph,
-        )
+        batch = s if problem.batched else 1
+        args = (lambda t: t.reshape(shape), batch, problem.index, WANTS[quantity], mode)
+        program = _program(problem, bound, x, args)
+        if program is not None:
+            out = program(bound.inputs, x, create_graph)
+        else:
+            out = structured_pass(bound.graph, bound.inputs, x, *args, differentiable=create_graph)
         if quantity == "hvp" and v is not None:
             return {"hvp": torch.einsum("bmij,bj->bmi", out["hessian"], v)}
         layouts = {

@@ -1,0 +1,105 @@
+"""Derivative programs: the engine's whole pass for one request, written once as an FX graph.
+
+The engine interprets the captured graph op by op (:mod:`.tangents`, :mod:`.modes`): fine
+for one call, but a training loop or a benchmark calls the same request thousands of
+times. For those, :func:`emit` traces the pass once with ``make_fx`` on concrete shapes:
+tangents, adjoints (the backward ops autograd would run, written out) and the per-layer
+Gram, sweep or Taylor terms become one ``torch.fx.GraphModule`` of ATen ops, a pure
+function of the graph's inputs (parameters, buffers, closed-over tensors) and ``x``.
+
+- Running it is one call, with no per-op Python interpretation.
+- It is ordinary differentiable torch code: run with grad enabled, its result keeps a
+  graph to ``x`` and to the weights (``create_graph=True``); run under ``no_grad`` it keeps
+  none.
+- It can be compiled whole by ``torch.compile`` (``hesse.settings(compile=True)``).
+
+A program is specific to everything it was traced with: the capture (its guards), the
+sub-batch shape, dtype and device, the quantity, the selected outputs and the engine mode.
+It is kept on the capture under exactly that key (see
+:class:`hesse.strategies.structured.Structured`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..settings import settings
+from .graph import Graph
+from .modes import structured_pass
+
+
+@dataclass(frozen=True)
+class Program:
+    """One request's derivative pass as a graph of ATen ops.
+
+    Attributes:
+        run: The traced ``GraphModule`` (or its ``torch.compile``d form), mapping
+            ``(inputs, x)`` to the arrays in the order of :attr:`keys`.
+        keys: Names of the arrays it returns (``"hessian"``, ``"diag"``, ...).
+        compiled: Whether it went through ``torch.compile``.
+        nodes: Number of ops in it.
+    """
+
+    run: Callable[..., Any]
+    keys: tuple[str, ...]
+    compiled: bool
+    nodes: int
+
+    def __call__(
+        self, inputs: tuple, x: torch.Tensor, differentiable: bool
+    ) -> dict[str, torch.Tensor]:
+        """The arrays for ``x`` ``(s, n)``; differentiable when asked (grad enabled)."""
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            out = self.run(list(inputs), x)
+        return dict(zip(self.keys, out, strict=True))
+
+
+def emit(
+    graph: Graph,
+    inputs: tuple,
+    x: torch.Tensor,
+    to_model: Callable[[torch.Tensor], torch.Tensor],
+    batch: int,
+    index: torch.Tensor | None,
+    want: frozenset[str],
+    mode: str,
+    compile_: bool,
+) -> Program:
+    """Traces the engine's pass for one request into a :class:`Program`.
+
+    Args:
+        graph: The captured model (at this sub-batch's shape).
+        inputs: The graph's inputs now (only their shapes and dtypes are baked in).
+        x: The flat sub-batch ``(s, n)`` (only its shape and dtype are baked in).
+        to_model: Reshapes ``(s, n)`` to the model's layout.
+        batch: ``s`` when batched, 1 for a single sample.
+        index: The selected outputs (baked in).
+        want: The arrays to compute (see :func:`.modes.structured_pass`).
+        mode: The engine mode.
+        compile_: Compile the program whole with ``torch.compile``.
+
+    Raises:
+        Exception: Whatever tracing raises (the caller then keeps interpreting).
+    """
+    keys = tuple(sorted(want))
+
+    def body(values: list, xx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = structured_pass(
+            graph, tuple(values), xx, to_model, batch, index, want, mode, differentiable=True
+        )
+        return tuple(out[k] for k in keys)
+
+    with settings(compile=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = make_fx(body, tracing_mode="real")(list(inputs), x.detach())
+    nodes = sum(1 for n in module.graph.nodes if n.op == "call_function")
+    run: Callable[..., Any] = module
+    if compile_:
+        run = torch.compile(module, dynamic=False, fullgraph=True)
+    return Program(run, keys, compile_, nodes)
