@@ -37,6 +37,8 @@ from .errors import StrategyMismatchError as StrategyMismatchError
 from .errors import UnsupportedInputError as UnsupportedInputError
 from .errors import UnsupportedModelError as UnsupportedModelError
 from .errors import ZeroDerivativeWarning as ZeroDerivativeWarning
+from .operators import mixed_partials as mixed_partials
+from .operators import second_order_operator as second_order_operator
 from .planner import Plan as Plan
 
 # products and reductions (never form the full Hessian)
@@ -81,8 +83,10 @@ __all__ = [
     "hvp",
     "jacobian",
     "laplacian",
+    "mixed_partials",
     "plan",
     "register_strategy",
+    "second_order_operator",
     "set_autotune",
     "set_compile",
     "set_heap_cache",
