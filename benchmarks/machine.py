@@ -16,7 +16,29 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "numpy", "jax", "jaxlib", "hessquik", "matplotlib", "hesse")
+PACKAGES = ("torch", "numpy", "jax", "jaxlib", "folx", "hessquik", "matplotlib", "hesse")
+XLA_THREADS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}"
+
+
+def peer_thread_env(threads: int) -> dict[str, str]:
+    """The environment that gives every peer the thread count torch gets (the one place).
+
+    XLA (JAX, folx) reads ``XLA_FLAGS`` once, when JAX starts; subprocess peers (the
+    Python 3.12 runner of torch-jet) get ``OMP_NUM_THREADS`` and set torch's threads too.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "intra_op_parallelism_threads" not in flags:
+        flags = f"{flags} {XLA_THREADS.format(n=threads)}".strip()
+    return {"XLA_FLAGS": flags, "OMP_NUM_THREADS": str(threads)}
+
+
+def set_peer_threads(threads: int) -> str:
+    """Applies :func:`peer_thread_env` to this process; returns a note for the report."""
+    late = "jax" in sys.modules
+    os.environ.update(peer_thread_env(threads))
+    if late:
+        return "JAX was imported before the thread count was set: XLA may use all cores"
+    return f"XLA (JAX, folx) and subprocess peers get {threads} thread(s), as torch does"
 
 
 def _version(package: str) -> str | None:
@@ -75,7 +97,7 @@ def environment(threads: int) -> dict[str, Any]:
         "versions": {p: _version(p) for p in PACKAGES},
         "git": _git_commit(),
         "load_average": load_average(),
-        "note": "JAX/XLA uses its own CPU thread pool (not set by torch.set_num_threads)",
+        "note": os.environ.get("HESSE_BENCH_THREAD_NOTE", "peer threads not set"),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ import torch
 from . import machine, protocol, report
 from .cases import (
     CASES,
+    PINN_SMOKE_CASES,
     QUICK_CASES,
     SMOKE_CASES,
     build,
@@ -77,7 +79,7 @@ def _select(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     table = methods()
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
     names = args.methods or list(table)
-    known = set(CASES) | set(SMOKE_CASES)
+    known = set(CASES) | set(SMOKE_CASES) | set(PINN_SMOKE_CASES)
     unknown = [c for c in cases if c not in known] + [m for m in names if m not in table]
     unknown += [d for d in args.dtypes if d not in protocol.DTYPES]
     if unknown:
@@ -172,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip_slow_batched=knobs["skip_slow"],
     )
     torch.set_num_threads(args.threads)
+    os.environ["HESSE_BENCH_THREAD_NOTE"] = machine.set_peer_threads(args.threads)
     if args.heap_cache:  # process-wide: peers benefit as much as hesse
         import hesse
 
