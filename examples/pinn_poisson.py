@@ -124,7 +124,12 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--points", type=int, default=256, help="collocation points per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (small batches gain little from more)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (small batches gain little from more)",
+    )
     ap.add_argument("--out", type=Path, default=Path("pinn_poisson.png"))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)

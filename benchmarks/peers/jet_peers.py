@@ -61,32 +61,40 @@ def python312() -> str | None:
 
 
 class Runner:
-    """One jet subprocess serving one case instance."""
+    """One jet subprocess serving one case instance (its stderr goes to a file)."""
 
     def __init__(self, py: str, npz: Path, threads: int) -> None:
         env = os.environ | machine.peer_thread_env(threads)
-        self.proc = subprocess.Popen(
-            [py, str(RUNNER), str(npz), str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        self.log = npz.with_suffix(".stderr.txt")
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen(
+                [py, str(RUNNER), str(npz), str(threads)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+            )
         weakref.finalize(self, Runner._stop, self.proc)
         if self.proc.stdout.readline().strip() != "ready":
             self._fail()
 
     @staticmethod
     def _stop(proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.stdin.close()
+        proc.stdin.close()
+        try:
             proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
     def _fail(self) -> None:
         self.proc.kill()
-        tail = (self.proc.stderr.read().strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"jet subprocess failed: {tail[:250]}")
+        self.proc.wait()
+        lines = [ln for ln in self.log.read_text().splitlines() if ln.strip()]
+        tail = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+        raise RuntimeError(f"jet subprocess failed: {tail.strip()[:250] or 'no output'}")
 
     def ask(self, command: str) -> dict[str, Any]:
         """Sends one command and returns its JSON reply."""
