@@ -299,3 +299,32 @@ def test_mixed_partials_errors(setup, pairs, match):
     model, x, _ = setup
     with pytest.raises(hesse.UnsupportedInputError, match=r"hesse\.mixed_partials: .*" + match):
         hesse.mixed_partials(model, x, pairs, batched=True)
+
+
+class _Cube(torch.autograd.Function):
+    """x^3 with a backward only (no forward-mode rule, no vmap rule)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+def test_ops_without_forward_mode_fall_back():
+    x = torch.randn(B, 3)
+    f = lambda z: _Cube.apply(z).sum(-1, keepdim=True)  # noqa: E731
+    with pytest.warns(hesse.FallbackWarning, match="forward-mode AD failed"):
+        got = hesse.mixed_partials(f, x, [(0, 0), (0, 1)], batched=True, output=0)
+    torch.testing.assert_close(got, torch.stack([6 * x[:, 0], torch.zeros(B)], -1))
+
+
+def test_one_output_linear_model_uses_the_gradient_path():
+    lin = nn.Linear(D, 1)
+    x = torch.randn(B, D)
+    got = hesse.second_order_operator(lin, x, coefficients=torch.randn(D, D), batched=True)
+    torch.testing.assert_close(got, torch.zeros(B, 1))

@@ -2,7 +2,7 @@
 
 ``second_order_operator`` computes ``L u = sum_ij C_ij d2u/dx_i dx_j (+ b . grad u)`` and
 ``mixed_partials`` selected entries ``d2u/dx_i dx_j``, both from second directional
-derivatives ``s^T H s``: the second Taylor coefficient of ``t -> u(x + t s)``, by
+derivatives ``s^T H s``: the second derivative of ``t -> u(x + t s)`` at ``t = 0``, by
 forward-over-forward AD (``jvp`` of ``jvp``; for one selected output ``jvp`` of the
 gradient, which measured about 2x faster), vectorised over the directions and batched over
 the samples in one pass. The directions are
