@@ -109,11 +109,11 @@ def test_image_shaped_input_and_vector_output():
 @pytest.mark.parametrize("mode", ["taylor", "hvp", "reverse"])
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_directional_derivatives_modes(setup, mode, per_sample):
-    from hesse.operators import directional_derivatives
+    from hesse.operators import _directional_derivatives
 
     model, x, h = setup
     dirs = torch.randn(B, 3, D) if per_sample else torch.randn(3, D)
-    first, second = directional_derivatives(model, x, dirs, mode=mode)
+    first, second = _directional_derivatives(model, x, dirs, mode=mode)
     assert first.shape == second.shape == (3, B, M)
     s = dirs if per_sample else dirs.expand(B, 3, D)
     torch.testing.assert_close(second, torch.einsum("bri,bkij,brj->rbk", s, h, s))

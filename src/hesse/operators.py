@@ -42,7 +42,7 @@ FWD_FWD_UNSAFE = ("layer_norm", "batch_norm")
 # engine's Taylor program) ----
 
 
-def directional_derivatives(
+def _directional_derivatives(
     fn: Fn, x: torch.Tensor, dirs: torch.Tensor, *, mode: str = "taylor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First and second directional derivatives ``J s`` and ``s^T H s`` of every output.
@@ -87,7 +87,7 @@ def directional_derivatives(
 def _double_backward(
     fn: Fn, x: torch.Tensor, dirs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`directional_derivatives` by ``H s`` from double backward (any model)."""
+    """:func:`_directional_derivatives` by ``H s`` from double backward (any model)."""
     r = dirs.shape[-2]
     s = dirs.transpose(0, 1) if dirs.dim() == 3 else dirs[:, None].expand(r, *x.shape)
     keep = torch.is_grad_enabled()
@@ -162,7 +162,7 @@ def _needs_reverse(problem: Problem) -> str | None:
 def _run(
     problem: Problem, dirs: torch.Tensor, create_graph: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs :func:`directional_derivatives`, falling back to double backward if needed."""
+    """Runs :func:`_directional_derivatives`, falling back to double backward if needed."""
     x = problem.x if create_graph else problem.x.detach()
     dirs = dirs if create_graph else dirs.detach()
     why = _needs_reverse(problem)
@@ -170,7 +170,7 @@ def _run(
         if why is None:
             try:  # one output: forward-over-reverse is cheaper (measured about 2x)
                 mode = "hvp" if problem.m == 1 else "taylor"
-                return directional_derivatives(problem.fn, x, dirs, mode=mode)
+                return _directional_derivatives(problem.fn, x, dirs, mode=mode)
             except (RuntimeError, NotImplementedError) as err:
                 why = f"forward-mode AD failed ({type(err).__name__}: {str(err)[:120]})"
         warnings.warn(
@@ -179,7 +179,7 @@ def _run(
             FallbackWarning,
             stacklevel=4,
         )
-        return directional_derivatives(problem.fn, x, dirs, mode="reverse")
+        return _directional_derivatives(problem.fn, x, dirs, mode="reverse")
 
 
 def _finish(problem: Problem, result: torch.Tensor, create_graph: bool) -> torch.Tensor:
