@@ -24,7 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-Quantity = Literal["hessian", "hessian_diag", "laplacian"]
+Quantity = Literal["hessian", "hessian_diag", "laplacian", "laplacian_train"]
+# "laplacian_train": one PINN training step, the Laplacian kept differentiable
+# (create_graph=True), loss = mean over samples and outputs of Laplacian^2, backward to
+# the weights; the result is the weights' gradient, flattened in parameter order, (P,).
 Output = int | tuple[int, ...] | None
 
 
@@ -91,8 +94,15 @@ class Case:
     @property
     def result_shape(self) -> tuple[int, ...]:
         """Shape of the result in the common layout, ``[B] + [m] + T``."""
+        if self.quantity == "laplacian_train":
+            return (mlp_parameters(self.config),)
         tail = {"hessian": (self.n, self.n), "hessian_diag": (self.n,), "laplacian": ()}
         return self.lead_shape + tail[self.quantity]
+
+    @property
+    def randomized(self) -> int | None:
+        """Directions of a randomized estimate (``None``: exact)."""
+        return self.config.get("randomized")
 
 
 @dataclass
@@ -150,6 +160,11 @@ def _mlp(config: Mapping[str, Any]) -> nn.Module:
         layers += [nn.Linear(a, b), ACTIVATIONS[config["act"]]()]
     layers.append(nn.Linear(sizes[-2], sizes[-1]))
     return nn.Sequential(*layers)
+
+
+def mlp_parameters(config: Mapping[str, Any]) -> int:
+    """Number of weights and biases of an MLP config."""
+    return sum(a * b + b for a, b in itertools.pairwise(config["sizes"]))
 
 
 def _mlp_macs(config: Mapping[str, Any]) -> int:
@@ -274,6 +289,30 @@ def _pinn(d: int, quantity: Quantity, outputs: int = 1) -> Case:
     )
 
 
+def _train(d: int, batch: int, sizes: tuple[int, ...] | None = None, rand: int | None = None):
+    """A PINN training step: Laplacian with create_graph=True, loss, backward to weights."""
+    sizes = sizes or (d, 128, 128, 128, 128, 1)
+    config: dict[str, Any] = {"sizes": sizes, "act": "tanh"}
+    what = "exact Laplacian"
+    if rand:
+        config["randomized"] = rand
+        what = f"randomized Laplacian ({rand} directions)"
+    arch = "-".join(map(str, sizes)) if sizes[1] != 128 else f"{d}-128x4-1"
+    return Case(
+        id=f"train_d{d}" + ("_jet" if sizes[1] == 768 else "") + ("_rand" if rand else ""),
+        title=f"PINN training step, MLP {arch} tanh, B={batch}: {what} with create_graph, "
+        "loss mean(lap^2), backward to the weights",
+        family="mlp",
+        quantity="laplacian_train",
+        input_shape=(d,),
+        batch=batch,
+        output=0,
+        config=config,
+        seed=1000 + d,
+    )
+
+
+JET_MLP = (50, 768, 768, 512, 512, 1)  # the torch-jet paper's MLP
 MNIST = {"sizes": (784, 256, 256, 10), "act": "softplus"}
 
 CASES: dict[str, Case] = {
@@ -297,10 +336,19 @@ CASES: dict[str, Case] = {
              "cnn", "hessian", (1, 28, 28), None, 3, {}, seed=200),
         Case("atoms32", "Pair-feature energy of 32 atoms (16 RBF, MLP 16-64-64-1), 96x96 Hessian",
              "atoms", "hessian", (32, 3), None, None, {"atoms": 32, "features": 16}, seed=300),
+        Case("jet_mlp_lap", "torch-jet paper MLP 50-768-768-512-512-1 tanh, B=128, Laplacian",
+             "mlp", "laplacian", (50,), 128, 0, {"sizes": JET_MLP, "act": "tanh"}, seed=1050),
+        _train(2, 1024),
+        _train(8, 1024),
+        _train(32, 512),
+        _train(100, 256),
+        _train(50, 128, JET_MLP),
+        _train(1000, 32, rand=64),
     ]
 }  # fmt: skip
 
 QUICK_CASES = ("pinn_d8_hess", "pinn_d8_lap", "mnist_single", "atoms32")
+TRAIN_CASES = tuple(k for k, c in CASES.items() if c.quantity == "laplacian_train")
 
 # Tiny cases for the test suite (seconds); not part of the full suite.
 SMOKE_CASES: dict[str, Case] = {
@@ -312,11 +360,24 @@ SMOKE_CASES: dict[str, Case] = {
              "mlp", "laplacian", (3,), None, None, {"sizes": (3, 8, 2), "act": "softplus"}),
     ]
 }  # fmt: skip
+# Tiny cases of the PINN peers (folx, torch-jet, training steps) for their tests.
+PINN_SMOKE_CASES: dict[str, Case] = {
+    c.id: c
+    for c in [
+        Case("smoke_lap_b", "tiny MLP 3-8-8-1 tanh, B=4, Laplacians", "mlp", "laplacian",
+             (3,), 4, 0, {"sizes": (3, 8, 8, 1), "act": "tanh"}, seed=8),
+        Case("smoke_train", "tiny PINN training step, MLP 3-8-8-1 tanh, B=4", "mlp",
+             "laplacian_train", (3,), 4, 0, {"sizes": (3, 8, 8, 1), "act": "tanh"}, seed=9),
+        Case("smoke_train_rand", "tiny randomized PINN training step, MLP 6-8-1 tanh, B=4",
+             "mlp", "laplacian_train", (6,), 4, 0,
+             {"sizes": (6, 8, 1), "act": "tanh", "randomized": 4}, seed=10),
+    ]
+}  # fmt: skip
 
 
 def get_case(case_id: str) -> Case:
     """The case named ``case_id`` (full suite or smoke cases); a miss lists the valid ids."""
-    table = CASES | SMOKE_CASES
+    table = CASES | SMOKE_CASES | PINN_SMOKE_CASES
     if case_id not in table:
         raise KeyError(f"unknown case {case_id!r}; valid: {', '.join(table)}")
     return table[case_id]

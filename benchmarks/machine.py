@@ -16,7 +16,31 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "numpy", "jax", "jaxlib", "hessquik", "matplotlib", "hesse")
+PACKAGES = ("torch", "numpy", "jax", "jaxlib", "folx", "hessquik", "matplotlib", "hesse")
+XLA_THREADS = "--xla_cpu_multi_thread_eigen={eigen} intra_op_parallelism_threads={n}"
+
+
+def peer_thread_env(threads: int) -> dict[str, str]:
+    """The environment that gives every peer the thread count torch gets (the one place).
+
+    XLA (JAX, folx) reads ``XLA_FLAGS`` once, when JAX starts; subprocess peers (the
+    Python 3.12 runner of torch-jet) get ``OMP_NUM_THREADS`` and set torch's threads too.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "intra_op_parallelism_threads" not in flags:
+        kept = [f for f in flags.split() if not f.startswith("--xla_cpu_multi_thread_eigen")]
+        eigen = "false" if threads == 1 else "true"  # false leaves XLA one thread
+        flags = " ".join([*kept, XLA_THREADS.format(eigen=eigen, n=threads)])
+    return {"XLA_FLAGS": flags, "OMP_NUM_THREADS": str(threads)}
+
+
+def set_peer_threads(threads: int) -> str:
+    """Applies :func:`peer_thread_env` to this process; returns a note for the report."""
+    late = "jax" in sys.modules
+    os.environ.update(peer_thread_env(threads))
+    if late:
+        return "JAX was imported before the thread count was set: XLA may use all cores"
+    return f"XLA (JAX, folx) and subprocess peers get {threads} thread(s), as torch does"
 
 
 def _version(package: str) -> str | None:
@@ -58,44 +82,11 @@ def load_average() -> float | None:
         return None
 
 
-# XLA's CPU client has no thread-count option; these are the flags it honours (jax#743,
-# jax#1539): Eigen's intra-op pool off for one thread, and the intra-op thread count.
-XLA_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads")
-_XLA_LATE = False
-
-
-def xla_flags(threads: int, existing: str = "") -> str:
-    """``XLA_FLAGS`` giving XLA's CPU pool ``threads`` threads, other flags kept.
-
-    One thread: ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``; more:
-    Eigen's pool stays on, with ``intra_op_parallelism_threads=N``.
-    """
-    kept = [f for f in existing.split() if f.split("=", 1)[0] not in XLA_THREAD_FLAGS]
-    eigen = "false" if threads <= 1 else "true"
-    threads_flag = f"intra_op_parallelism_threads={max(1, threads)}"
-    return " ".join([*kept, f"--xla_cpu_multi_thread_eigen={eigen}", threads_flag])
-
-
-def configure_threads(threads: int) -> str:
-    """Gives torch and JAX/XLA ``threads`` threads each; returns the ``XLA_FLAGS`` set.
-
-    XLA reads ``XLA_FLAGS`` when jax initialises its CPU backend, so this runs before jax is
-    imported (the peers import it lazily); memory children inherit the environment.
-    """
-    global _XLA_LATE
-    torch.set_num_threads(threads)
-    flags = xla_flags(threads, os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = flags
-    _XLA_LATE = "jax" in sys.modules  # too late: its backend may have read the old flags
-    return flags
-
-
 def environment(threads: int) -> dict[str, Any]:
     """Versions, CPU, threads and time of the run.
 
     Args:
-        threads: The value given to ``torch.set_num_threads`` (and XLA, see
-            :func:`configure_threads`).
+        threads: The value given to ``torch.set_num_threads``.
     """
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -108,12 +99,7 @@ def environment(threads: int) -> dict[str, Any]:
         "versions": {p: _version(p) for p in PACKAGES},
         "git": _git_commit(),
         "load_average": load_average(),
-        "xla_flags": os.environ.get("XLA_FLAGS"),
-        "note": (
-            "JAX/XLA's CPU pool gets the same threads through XLA_FLAGS"
-            if not _XLA_LATE
-            else "jax was imported before XLA_FLAGS was set: its thread pool is not limited"
-        ),
+        "note": os.environ.get("HESSE_BENCH_THREAD_NOTE", "peer threads not set"),
     }
 
 

@@ -111,18 +111,42 @@ def standing_table(run: Mapping[str, Any], method: str = "hesse[auto]") -> str:
         cells = [f"`{case}`"]
         for dtype in run["dtypes"]:
             mine = median(case, method, dtype)
-            func, peer = median(case, "func_hessian", dtype), best(case, peers, dtype)
+            func, peer = median(case, reference_method(run, case), dtype), best(case, peers, dtype)
             strat = best(case, own, dtype)
             cells.append(f"{func / mine:.2f}x" if mine and func else "")
             cells.append(f"{peer[0] / mine:.2f}x ({peer[1]})" if mine and peer else "")
             cells.append(f"{strat[0] / mine:.2f}x ({strat[1][6:-1]})" if mine and strat else "")
         mem = [
             (index.get((case, m, "float32")) or {}).get("memory_mb")
-            for m in (method, "func_hessian")
+            for m in (method, reference_method(run, case))
         ]
         cells.append(f"{mem[1] / mem[0]:.2f}x" if mem[0] and mem[1] else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def reference_method(run: Mapping[str, Any], case: str) -> str:
+    """The torch.func method a case is compared with (training steps have their own)."""
+    train = run["cases"][case].get("quantity") == "laplacian_train"
+    return "func_train" if train else "func_hessian"
+
+
+def per_datum_table(run: Mapping[str, Any], dtype: str = "float32") -> str:
+    """Markdown: peak memory per sample (KiB) of the training-step cases, per method."""
+    cases = [c for c, v in run["cases"].items() if v.get("quantity") == "laplacian_train"]
+    index = _index(run["records"])
+    rows = []
+    for m in run["methods"]:
+        cells = []
+        for c in cases:
+            mb = (index.get((c, m, dtype)) or {}).get("memory_mb")
+            cells.append(f"{1024 * mb / run['cases'][c]['batch']:.0f}" if mb else "")
+        if any(cells):
+            rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = "| method | " + " | ".join(f"`{c}`" for c in cases) + " |"
+    return "\n".join([head, "|---|" + "---:|" * len(cases), *rows])
 
 
 def _opt(value: float | None, suffix: str = "") -> str:
@@ -218,6 +242,8 @@ def markdown(run: Mapping[str, Any]) -> str:
         if table:
             out += ["", f"## Peak memory, {dtype} (MB above the built case, own process)", ""]
             out += [table]
+    if table := per_datum_table(run):
+        out += ["", "## Training step: peak memory per sample, float32 (KiB)", "", table]
     if text := notes(run):
         out += ["", "## Failures and notes", "", text]
     return "\n".join(out) + "\n"

@@ -23,6 +23,7 @@ import torch
 from . import machine, protocol, report
 from .cases import (
     CASES,
+    PINN_SMOKE_CASES,
     QUICK_CASES,
     SMOKE_CASES,
     build,
@@ -78,7 +79,7 @@ def _select(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     table = methods()
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
     names = args.methods or list(table)
-    known = set(CASES) | set(SMOKE_CASES)
+    known = set(CASES) | set(SMOKE_CASES) | set(PINN_SMOKE_CASES)
     unknown = [c for c in cases if c not in known] + [m for m in names if m not in table]
     unknown += [d for d in args.dtypes if d not in protocol.DTYPES]
     if unknown:
@@ -116,6 +117,8 @@ def run_case(
     ref = reference(full64).detach()
     check_inst = head(full64, settings.verify_batch)
     check_ref = ref[: settings.verify_batch] if check_inst is not full64 else ref
+    if check_inst is not full64 and case.quantity == "laplacian_train":  # not per sample
+        check_ref = reference(check_inst).detach()
     insts = {d: full64 if d == "float64" else build(case, protocol.DTYPES[d]) for d in dtypes}
     for dtype, inst in insts.items():
         info["gradient_ms"][dtype] = protocol.gradient_ms(inst, settings.repeats)
@@ -159,7 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status (0).
     """
     args = parse(argv)
-    machine.configure_threads(args.threads)  # torch and XLA, before jax is imported
     if args.list:
         print("cases:\n" + "\n".join(f"  {k}: {c.title}" for k, c in CASES.items()))
         print("methods:\n" + "\n".join(f"  {k}: {m.label}" for k, m in methods().items()))
@@ -173,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cap_s=args.cap or knobs["cap_s"],
         skip_slow_batched=knobs["skip_slow"],
     )
+    torch.set_num_threads(args.threads)
+    os.environ["HESSE_BENCH_THREAD_NOTE"] = machine.set_peer_threads(args.threads)
     if args.heap_cache:  # process-wide: peers benefit as much as hesse
         import hesse
 
@@ -180,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_memory = True  # kept freed memory would hide the measured call's peak
     start = time.perf_counter()
     gemm = {d: machine.gemm_gflops(protocol.DTYPES[d]) for d in args.dtypes}
-    _log(f"threads {args.threads} (XLA_FLAGS={os.environ['XLA_FLAGS']!r}); GEMM GFLOP/s {gemm}")
+    _log(f"threads {args.threads}; GEMM GFLOP/s {gemm}")
     env = machine.environment(args.threads)
     if args.heap_cache:
         env["note"] += "; glibc heap cache on for every method (hesse.set_heap_cache)"

@@ -57,7 +57,7 @@ def test_gradient_of_a_laplacian_through_layer_norm(strategy: str) -> None:
 @pytest.mark.parametrize("strategy", ["vmap", "structured"])
 def test_forward_mode_strategies_decline_and_name_one_that_can(strategy: str) -> None:
     model, x = _model(), torch.randn(5, 4, requires_grad=True)
-    with pytest.raises(hesse.StrategyError, match="layer_norm.*strategy='reverse' can"):
+    with pytest.raises(hesse.StrategyError, match=r"layer_norm.*strategy='reverse' can"):
         hesse.laplacian(model, x, batched=True, output=0, strategy=strategy, create_graph=True)
     # without create_graph (second order only) they are right and run
     got = hesse.laplacian(model, x.detach(), batched=True, output=0, strategy=strategy)

@@ -19,6 +19,7 @@ from typing import Any
 from ..cases import Instance
 
 Prepared = Callable[[], Any]
+EVAL = ("hessian", "hessian_diag", "laplacian")  # what a method computes unless it says
 
 
 class Unsupported(Exception):
@@ -40,6 +41,9 @@ class Method:
             "hesse").
         prepare: Instance -> zero-argument callable returning the result.
         slow: Pathologically slow on big batches (left out on batched cases by ``--quick``).
+        quantities: The case quantities it computes; others are recorded "unsupported".
+        randomized: It returns a randomized estimate: verified for shape and finiteness
+            only (its error against the exact reference is recorded, not enforced).
     """
 
     name: str
@@ -47,10 +51,20 @@ class Method:
     group: str
     prepare: Callable[[Instance], Prepared]
     slow: bool = False
+    quantities: tuple[str, ...] = EVAL
+    randomized: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}
-_MODULES = ("torch_peers", "jax_peers", "hessquik_peers", "hesse_peers")
+_MODULES = (
+    "torch_peers",
+    "jax_peers",
+    "hessquik_peers",
+    "train_peers",
+    "folx_peers",
+    "jet_peers",
+    "hesse_peers",
+)
 _loaded = False
 
 

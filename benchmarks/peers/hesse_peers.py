@@ -8,13 +8,15 @@ is recorded as unsupported, with hesse's message.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from ..cases import Instance
-from . import Method, Prepared, Unsupported, register
+from . import EVAL, Method, MissingDependency, Prepared, Unsupported, register
+from .train_peers import step
 
 try:
     import hesse
@@ -40,12 +42,33 @@ def _compile(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _train(inst: Instance, strategy: str, kwargs: dict[str, Any]) -> Prepared:
+    """A training step on ``hesse.laplacian(..., create_graph=True)``."""
+
+    def lap(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return hesse.laplacian(model, x, create_graph=True, **kwargs)
+        except hesse.StrategyError as err:
+            raise Unsupported(str(err)) from err
+
+    return step(inst, lap)
+
+
 def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepared]:
     def prepare(inst: Instance) -> Prepared:
-        fn = _call(inst.case.quantity)
         output = inst.case.output
         output = list(output) if isinstance(output, tuple) else output
         kwargs = {"output": output, "batched": inst.case.batched, "strategy": strategy}
+        if inst.case.quantity == "laplacian_train":
+            run = _train(inst, strategy, kwargs)
+            if strategy == "auto":  # its tuning calls are warm-up (at most 15 calls, 20 s)
+                start = time.perf_counter()
+                for _ in range(15):
+                    run()
+                    if time.perf_counter() - start > 20:
+                        break
+            return run
+        fn = _call(inst.case.quantity)
 
         def run() -> torch.Tensor:
             with _compile(compiled):
@@ -76,9 +99,64 @@ def _hesse(strategy: str, compiled: bool = False) -> Callable[[Instance], Prepar
     return prepare
 
 
+def _operator(inst: Instance) -> Prepared:
+    """``hesse.second_order_operator`` (``C = I``: the Laplacian), eval or training step."""
+    kwargs = {"output": inst.case.output, "batched": inst.case.batched}
+    if inst.case.quantity == "laplacian_train":
+        return step(
+            inst,
+            lambda m, x: hesse.second_order_operator(m, x, create_graph=True, **kwargs),
+        )
+    return lambda: hesse.second_order_operator(inst.model, inst.x, **kwargs)
+
+
+def _estimate(inst: Instance) -> Prepared:
+    """A training step on ``hesse.laplacian_estimate`` with the case's number of random
+    directions (Rademacher, forward mode only)."""
+    estimate = getattr(hesse, "laplacian_estimate", None)
+    if estimate is None:
+        raise MissingDependency("not run: hesse.laplacian_estimate does not exist yet")
+    k = inst.case.randomized
+    gen = torch.Generator(device=inst.x.device).manual_seed(0)
+
+    def lap(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = estimate(
+            model, x, num_samples=k, batched=True, output=inst.case.output,
+            create_graph=True, generator=gen,
+        )  # fmt: skip
+        return getattr(out, "value", out)
+
+    return step(inst, lap)
+
+
 if hesse is not None:
+    ALL = (*EVAL, "laplacian_train")
     for _name in (*hesse.available_strategies(), "auto"):
-        register(Method(f"hesse[{_name}]", f'hesse, strategy="{_name}"', "hesse", _hesse(_name)))
+        register(
+            Method(
+                f"hesse[{_name}]", f'hesse, strategy="{_name}"', "hesse", _hesse(_name),
+                quantities=ALL,
+            )
+        )  # fmt: skip
+    register(
+        Method(
+            "hesse[operator]",
+            "hesse.second_order_operator (C = I), jvp-of-jvp / forward-over-reverse",
+            "hesse",
+            _operator,
+            quantities=("laplacian", "laplacian_train"),
+        )
+    )
+    register(
+        Method(
+            "hesse[estimate]",
+            "hesse.laplacian_estimate (randomized; hook, another engineer's work)",
+            "hesse",
+            _estimate,
+            quantities=("laplacian_train",),
+            randomized=True,
+        )
+    )
     register(
         Method(
             "hesse[auto+compile]",

@@ -47,6 +47,8 @@ from .errors import ZeroDerivativeWarning as ZeroDerivativeWarning
 
 # keeping freed memory for reuse (glibc; process-wide by nature)
 from .heap import set_heap_cache as set_heap_cache
+from .operators import mixed_partials as mixed_partials
+from .operators import second_order_operator as second_order_operator
 from .planning.plan import Plan as Plan
 from .planning.plan import Tuning as Tuning
 
@@ -102,8 +104,10 @@ __all__ = [
     "jacobian",
     "laplacian",
     "laplacian_estimate",
+    "mixed_partials",
     "plan",
     "register_strategy",
+    "second_order_operator",
     "set_heap_cache",
     "settings",
     "trace_estimate",

@@ -15,9 +15,9 @@ import torch
 
 from ..engine import CaptureError, GraphCost, graph_cost, structured_pass
 from ..engine.program import Program, emit
-from ..settings import settings
 from ..planning.capture import Bound, capture
 from ..planning.problem import Problem
+from ..settings import settings
 from .base import Capabilities, register_strategy
 
 WANTS: dict[str, frozenset[str]] = {
@@ -71,7 +71,7 @@ def _program(problem: Problem, bound: Bound, x: torch.Tensor, args: tuple) -> Pr
     sub-batch shape, the arrays, the selected outputs, the engine mode and the compile
     setting. A program that cannot be traced is not tried again; the engine interprets.
     """
-    _, batch, index, want, mode = args
+    _, _, index, want, mode = args
     compile_ = settings.current().compile
     selected = None if index is None else tuple(index.tolist())
     key = ("program", problem.batched, tuple(x.shape), x.dtype, tuple(sorted(want)), selected)
