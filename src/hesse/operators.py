@@ -27,10 +27,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ._results import check_options, warn_zero
 from .errors import FallbackWarning, NonFiniteError, UnsupportedInputError
-from .planning.checks import OpRecorder
 from .planning.problem import Problem, Selection, build_problem
+from .results import check_options, warn_zero
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -144,13 +143,7 @@ def _needs_reverse(problem: Problem) -> str | None:
     """Why forward-over-forward cannot be trusted for this model, or None."""
     if problem.scripted:
         return "TorchScript has no forward-mode AD"
-    if "fwd_fwd_unsafe" not in problem.cache:
-        recorder = OpRecorder()
-        with torch.no_grad(), recorder:
-            problem.fn(problem.x[:1].detach())
-        found = sorted(n for n in recorder.names if any(u in n for u in FWD_FWD_UNSAFE))
-        problem.cache["fwd_fwd_unsafe"] = found
-    found = problem.cache["fwd_fwd_unsafe"]
+    found = sorted(n for n in problem.ops if any(u in n for u in FWD_FWD_UNSAFE))
     if found:
         return (
             f"forward-over-forward AD is silently wrong for {', '.join(found)} in torch "
