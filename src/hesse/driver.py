@@ -60,6 +60,21 @@ def remember_failure(problem: Problem, key: tuple, reason: str) -> bool:
     return new
 
 
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def first_warning(problem: Problem, failures: tuple[str, ...]) -> bool:
+    """Whether this model object has not been warned of these failures yet."""
+    with _UNCAPTURED_LOCK:
+        try:
+            seen = _WARNED.setdefault(problem.model, set())
+        except TypeError:  # not weak-referenceable: warn every time
+            return True
+        new = failures not in seen
+        seen.add(failures)
+    return new
+
+
 def known_failure(problem: Problem, key: tuple) -> str:
     """Why a strategy failed on this model before (``""``: it did not)."""
     if problem.anchor is not None:
@@ -252,8 +267,7 @@ def execute(
         HesseError: Any typed error of the checks (memory, model, mismatch of modes).
     """
     explicit = plan.request.strategy != "auto"
-    failures: list[str] = []
-    news = False
+    failures = [f"'{name}' ({why})" for name, why in plan.failed]
     for name in plan.candidates:
         key = failure_key(name, plan.quantity, plan.request.create_graph)
         if not explicit and known_failure(problem, key):
@@ -272,7 +286,7 @@ def execute(
             if explicit:
                 raise StrategyError(_cannot_run(problem, plan, name, reason)) from None
         else:
-            if news:
+            if failures and first_warning(problem, (plan.quantity, *failures)):
                 warnings.warn(
                     f"{problem.api}: strategy {', '.join(failures)} could not run this "
                     f"model; used strategy '{name}' instead. Pass strategy='{name}' to skip "
@@ -281,7 +295,7 @@ def execute(
                     stacklevel=4,
                 )
             return outcome
-        news |= remember_failure(problem, key, reason)
+        remember_failure(problem, key, reason)
         failures.append(f"'{name}' ({reason})")
     raise StrategyError(
         f"{problem.api}: no strategy could run this model: {'; '.join(failures)}. Make the "

@@ -49,9 +49,9 @@ class Declined(Exception):
         memory: It declined because one sample does not fit in the budget.
     """
 
-    def __init__(self, reason: str, memory: bool = False):
+    def __init__(self, reason: str, memory: bool = False, failed: str = ""):
         super().__init__(reason)
-        self.reason, self.memory = reason, memory
+        self.reason, self.memory, self.failed = reason, memory, failed
 
 
 def failure_key(name: str, quantity: str, create_graph: bool) -> tuple:
@@ -77,7 +77,7 @@ def _declines(st: Strategy, problem: Problem, request: Request) -> Declined | No
         return Declined(reason)
     failed = problem.fact(failure_key(st.name, request.quantity, request.create_graph), str)
     if failed:
-        return Declined(f"failed on this model before ({failed})")
+        return Declined(f"failed on this model before ({failed})", failed=failed)
     too_big = _too_big(st, problem, request)
     return None if too_big is None else Declined(too_big, memory=True)
 
@@ -96,8 +96,9 @@ def _too_big(st: Strategy, problem: Problem, request: Request) -> str | None:
 
 def candidate_order(
     problem: Problem, request: Request
-) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict[str, float]]:
-    """The strategies to try, cheapest first, a note on every candidate, and the costs.
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict[str, float], tuple]:
+    """The strategies to try, cheapest first, a note on every candidate, the costs, and the
+    candidates skipped because they failed on this model before (``(name, why)``).
 
     Raises:
         StrategyError: A named strategy does not exist.
@@ -109,16 +110,18 @@ def candidate_order(
         if declined is not None:
             raise declined
         cost = st.estimate(problem, request.quantity)
-        return (st.name,), ((st.name, f"{cost:.3g} MAC"),), {st.name: cost}
+        return (st.name,), ((st.name, f"{cost:.3g} MAC"),), {st.name: cost}, ()
     if problem.scripted:
         names: tuple[str, ...] = SCRIPTED_ORDER
     else:
         order = "second_order" if QUANTITIES[request.quantity].second_order else "first_order"
         names = AUTO_ORDER[(order, "tall" if problem.n < problem.m else "wide")]
-    notes, costs = [], {}
+    notes, costs, failed = [], {}, []
     for name in names:
         st = get_strategy(name)
         declined = _declines(st, problem, request)
+        if declined is not None and declined.failed:
+            failed.append((name, declined.failed))
         if declined is None:
             costs[name] = st.estimate(problem, request.quantity)
             detail = st.describe(problem, request.quantity)
@@ -126,7 +129,7 @@ def candidate_order(
         else:
             notes.append((name, f"n/a: {declined.reason}"))
     ordered = tuple(sorted(costs, key=lambda k: costs[k]))
-    return ordered, tuple(notes), costs
+    return ordered, tuple(notes), costs, tuple(failed)
 
 
 def budget_bytes(problem: Problem, request: Request) -> int:
@@ -229,7 +232,7 @@ def make_plan(problem: Problem, request: Request, order: tuple[str, ...] | None 
         Declined: The named strategy declines it.
         MemoryBudgetError: The result does not fit in the budget.
     """
-    candidates, notes, costs = candidate_order(problem, request)
+    candidates, notes, costs, failed = candidate_order(problem, request)
     if not candidates:
         raise StrategyError(
             f"{problem.api}: no strategy can compute this: "
@@ -261,6 +264,7 @@ def make_plan(problem: Problem, request: Request, order: tuple[str, ...] | None 
         chunks=plan_chunks,
         reason=reason,
         estimates=notes,
+        failed=failed,
         captured=problem.anchor is not None,
         capture_note=problem.capture_failure,
         anchor=problem.anchor.capture if problem.anchor is not None else None,

@@ -142,6 +142,8 @@ class Plan:
         chunks: The block schedule of :attr:`strategy`.
         reason: Why this strategy and these steps.
         estimates: ``(strategy, estimated cost or why it declined)`` for every candidate.
+        failed: ``(strategy, error)`` of candidates skipped because they failed on this
+            model before.
         captured: Whether TorchDynamo captured the model (the plan is then kept, with its
             tuning, for as long as the capture's guards hold).
         capture_note: Why the model was not captured (``None`` if it was).
@@ -163,6 +165,7 @@ class Plan:
     chunks: Chunking
     reason: str
     estimates: tuple[tuple[str, str], ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()
     captured: bool = False
     capture_note: str | None = None
     tuning: Tuning | None = None
