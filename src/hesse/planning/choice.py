@@ -97,8 +97,12 @@ def _too_big(st: Strategy, problem: Problem, request: Request) -> str | None:
 def candidate_order(
     problem: Problem, request: Request
 ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict[str, float], tuple]:
-    """The strategies to try, cheapest first, a note on every candidate, the costs, and the
-    candidates skipped because they failed on this model before (``(name, why)``).
+    """The candidates in order, a note on each, their costs, and earlier failures.
+
+    Returns:
+        The names to try, cheapest first; ``(name, note)`` for every strategy of the table
+        (the estimate, or why it declined); the estimates; and ``(name, why)`` of those
+        skipped because they failed on this model before.
 
     Raises:
         StrategyError: A named strategy does not exist.
