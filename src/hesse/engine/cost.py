@@ -19,9 +19,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import Graph
-from .rules.base import Rule
-from .rules.bilinear import BilinearRule
-from .rules.elementwise import ElementwiseRule
 from .tangents import find_seed
 
 
@@ -151,15 +148,10 @@ def graph_cost(graph: Graph, inputs: tuple, x: torch.Tensor, n: int, batch: int)
             size = sum(env[v].numel() for v in inputs) // batch  # type: ignore[union-attr]
             total_size += out.numel() // batch
             max_size = max(max_size, out.numel() // batch, size)
-            if isinstance(step.rule, ElementwiseRule):
-                if step.rule.curvature_on:
-                    terms.append(size)
-                taylor &= len(inputs) == 1 and env[inputs[0]].shape == out.shape  # type: ignore[union-attr]
-            elif type(step.rule) is Rule:
-                generic.append(size)
-                taylor = False
-            elif isinstance(step.rule, BilinearRule) and len(inputs) > 1:
-                taylor &= len(inputs) == 2 and step.rule.linear_positions is None
+            same_shape = env[inputs[0]].shape == out.shape  # type: ignore[union-attr]
+            kind, exact = step.rule.cost_kind(len(inputs), same_shape)
+            {"term": terms, "generic": generic}.get(kind, []).append(size)  # type: ignore[arg-type]
+            taylor &= exact
     return GraphCost(
         forward_macs=counter.get_total_flops() / 2 / batch,
         term_sizes=tuple(terms),

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .graph import CaptureError, Graph, Step
 from .rules import Site
-from .rules.affine import ConvRule, LinearRule
+from .rules.affine import LinearRule
 from .rules.base import Pairs
 
 RESHAPES = {"flatten", "view", "reshape", "contiguous", "identity"}
@@ -229,10 +229,7 @@ def forward(
             continue  # shapes and integer results (argmax, indices) carry no derivative
         site = _site(step, values, spec, varying, inputs_t, out)
         site.identity = len(input_nodes) == 1 and input_nodes[0] in identity
-        if isinstance(step.rule, LinearRule):
-            site.state = step.rule.weight(tuple(values))
-        elif isinstance(step.rule, ConvRule):
-            site.state = step.rule.options(args, kwargs)
+        site.state = step.rule.prepare(args, kwargs)
         with grad_mode():
             tangents[step.node] = _push(step, site)
             if taylor is not None:

@@ -42,9 +42,10 @@ class LinearRule(Rule):
             return super().transpose(site, gdot)
         return (gdot @ site.state,)
 
-    def weight(self, site_args: tuple) -> torch.Tensor | None:
-        """The constant weight of this call, if the only varying input is the first."""
-        return site_args[1] if len(site_args) > 1 else None
+    def prepare(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The call's weight (used when the only varying input is the first)."""
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        return weight if isinstance(weight, torch.Tensor) else None
 
 
 class ConvRule(Rule):
@@ -114,8 +115,7 @@ class ConvRule(Rule):
             )[0]
         return (out.reshape(gdot.shape[0], *a.shape),)
 
-    @staticmethod
-    def options(args: tuple, kwargs: dict) -> dict:
+    def prepare(self, args: tuple, kwargs: dict) -> dict:
         """The call's options from its arguments ``(x, weight, bias, stride, ...)``."""
         names = ("weight", "bias", "stride", "padding", "dilation", "groups")
         opts: dict = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}

@@ -134,6 +134,24 @@ class Rule:
     name = "generic"
     linear = False
 
+    def prepare(self, args: tuple, kwargs: dict) -> Any:
+        """State the rule keeps from the call's arguments (e.g. a weight); None: nothing."""
+        return None
+
+    def cost_kind(self, inputs: int, same_shape: bool) -> tuple[str | None, bool]:
+        """What the cost model counts for this node, and whether Taylor mode is exact.
+
+        Args:
+            inputs: How many of the node's inputs carry tangents.
+            same_shape: Whether its one varying input has the output's shape.
+
+        Returns:
+            ``"term"`` (a closed-form second-order term of the input's size), ``"generic"``
+            (Hessian-vector products of the op itself) or ``None`` (no term); and whether
+            the node has an exact Taylor-mode rule.
+        """
+        return (None, True) if self.linear else ("generic", False)
+
     def tangent(self, site: Site) -> torch.Tensor:
         """Tangent of the output, ``(d, *output.shape)``."""
         return push_jvp(site)

@@ -22,6 +22,10 @@ class BilinearRule(Rule):
         self.name = name
         self.linear_positions = linear_positions  # None: linear in any single argument
 
+    def cost_kind(self, inputs: int, same_shape: bool) -> tuple[str | None, bool]:
+        """No counted term; Taylor mode is exact for one varying argument or two."""
+        return None, inputs < 2 or (inputs == 2 and self.linear_positions is None)
+
     def _linear_here(self, site: Site) -> bool:
         single = len(site.tangents) == 1
         return single and (self.linear_positions is None or site.positions == self.linear_positions)

@@ -90,6 +90,10 @@ class ElementwiseRule(Rule):
         site.state = (d1, d2)
         return d1 * site.tangents[0]
 
+    def cost_kind(self, inputs: int, same_shape: bool) -> tuple[str | None, bool]:
+        """A term of the input's size (none for ReLU-like ops); Taylor mode on one input."""
+        return ("term" if self.curvature_on else None), inputs == 1 and same_shape
+
     def call_is_plain(self, site: Site) -> bool:
         """Whether the closed form applies: a module, or a function of ``a`` alone."""
         return isinstance(site.call, torch.nn.Module) or site.extra_args == 0
