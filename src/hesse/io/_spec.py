@@ -61,7 +61,7 @@ class Spec:
         """Samples ``s0:s1`` as a tensor on the run's device (the whole input if unbatched)."""
         part = self.data[s0:s1] if self.batched else self.data[...]
         if not isinstance(part, torch.Tensor):
-            part = torch.from_numpy(np.ascontiguousarray(part))
+            part = torch.from_numpy(np.array(part, copy=True))
         return part.to(self.device)
 
 
@@ -184,7 +184,8 @@ def _probe_output(spec: Spec) -> tuple[int, ...]:
         ) from exc
     if not isinstance(y, torch.Tensor) or not y.is_floating_point():
         raise UnsupportedModelError(
-            f"hesse.io.compute_to: the model must return one floating tensor, got {type(y).__name__}"
+            "hesse.io.compute_to: the model must return one floating tensor, got "
+            f"{type(y).__name__}"
         )
     if spec.batched:
         if y.dim() == 0 or y.shape[0] != 1:

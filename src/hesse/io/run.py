@@ -273,7 +273,8 @@ class _Runner:
         todo = [self.blocks[i] for i in state["todo"]]
         mine = todo[rank::world]
         part = mf.Manifest(mf.manifest_path(path, rank), config)
-        bar = _bar(progress and rank == 0, todo, 0) if todo else None
+        done_before = sum(self.blocks[i].size for i in state["done"])
+        bar = _bar(progress and rank == 0, self.blocks, done_before) if todo else None
         try:
             for block in mine:
                 data = self.compute(block, config["strategy"])
@@ -397,5 +398,5 @@ def _advance(bar: Any, path: Path, blocks: list[Block], before: set[int]) -> Non
     for part in mf.part_paths(path):
         with contextlib.suppress(HesseError):
             done |= set(mf.read_manifest(part).done)
-    units = sum(blocks[i].size for i in done - before)
+    units = sum(blocks[i].size for i in done | before)
     bar.update(max(0, units - bar.n))
