@@ -115,7 +115,7 @@ def load_inputs(path: Path, key: str | None = None) -> Any:
     except (FileFormatError, UnsafeFileError):
         raise
     except ValueError as exc:
-        if "pickle" in str(exc):
+        if "pickle" in str(exc) or "Python objects" in str(exc):
             raise UnsafeFileError(
                 f"hesse compute: {path} holds object arrays, which need pickle; refused"
             ) from exc
