@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from io_models import mlp
 from safetensors.torch import save_file
 
 from hesse import cli, errors
+from io_models import mlp
 
 CODE = cli.EXIT_CODES
 
@@ -33,7 +33,9 @@ class Payload:
 def files(tmp_path: Path) -> Path:
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((5, 6)).astype("float32"))
     save_file(mlp().state_dict(), tmp_path / "w.safetensors")
-    torch.export.save(torch.export.export(mlp(), (torch.randn(1, 6, dtype=torch.float32),)), tmp_path / "m1.pt2")
+    torch.export.save(
+        torch.export.export(mlp(), (torch.randn(1, 6, dtype=torch.float32),)), tmp_path / "m1.pt2"
+    )
     return tmp_path
 
 
@@ -173,7 +175,9 @@ def test_model_rejects_input_shape(files: Path, capsys: pytest.CaptureFixture[st
 
 def test_static_batch_export(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Batch-1 exports run sample by sample; other static batch sizes are a typed error."""
-    torch.export.save(torch.export.export(mlp(), (torch.randn(2, 6, dtype=torch.float32),)), files / "m2.pt2")
+    torch.export.save(
+        torch.export.export(mlp(), (torch.randn(2, 6, dtype=torch.float32),)), files / "m2.pt2"
+    )
     code, err = _run(
         capsys,
         "compute",
@@ -214,7 +218,9 @@ def test_static_batch_export(files: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_torchscript_needs_opt_in(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.trace(mlp(), torch.randn(2, 6, dtype=torch.float32)), files / "ts.pt")
+        torch.jit.save(
+            torch.jit.trace(mlp(), torch.randn(2, 6, dtype=torch.float32)), files / "ts.pt"
+        )
     argv = [
         "compute",
         files / "ts.pt",

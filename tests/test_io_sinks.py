@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from io_models import cnn, mlp
 from safetensors.numpy import load_file
 
 import hesse
 import hesse.io
 from hesse import errors
+from io_models import cnn, mlp
 
 QUANTITIES = ["jacobian", "hessian", "hessian_diag", "laplacian"]
 SINKS = [".npy", ".zarr", ".safetensors"]

@@ -60,6 +60,13 @@ def add_compute_parser(sub: Any) -> None:
     p.add_argument("--max-memory", metavar="SIZE", default=None, help="budget, e.g. 100MB")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="samples (or Hessian rows) per block (default: from --max-memory)",
+    )
+    p.add_argument(
         "--plot",
         type=Path,
         metavar="PNG",
@@ -140,6 +147,7 @@ def run_compute(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             strategy=args.strategy,
             device=device,
+            block_size=args.block_size,
         )
         if rank == 0:
             _summary(args, handle, time.perf_counter() - t0, world)

@@ -30,7 +30,8 @@ from .files import open_sink, sink_kind, sink_paths
 from .schedule import Block, block_size, hessian_rows, make_blocks
 from .sinks import BlockSink, MemorySink
 
-_IDENTITY_KEYS = ("strategy",)  # config entries a resume takes from the manifest
+# config entries a resume takes from the manifest rather than from the new call
+_IDENTITY_KEYS = ("strategy", "per_block", "blocks")
 
 
 def compute_to(
@@ -48,6 +49,7 @@ def compute_to(
     strategy: str = "auto",
     device: str | torch.device | None = None,
     row_blocks: bool | None = None,
+    block_size: int | None = None,
 ) -> Any:
     """Compute ``quantity`` of ``f`` at ``x`` block by block into ``out``; return a handle.
 
@@ -77,6 +79,8 @@ def compute_to(
         device: Where to compute (default: ``x``'s device for tensors, else CPU).
         row_blocks: Force (``True``) or forbid (``False``) Hessian row blocks; ``None``
             decides from the budget.
+        block_size: Samples (rows) per block; ``None``: from the budget. A resumed run
+            keeps the interrupted run's blocks.
 
     Returns:
         The result: a tensor (``out=None``), a read-only ``numpy.memmap`` (``.npy``), a
@@ -99,9 +103,9 @@ def compute_to(
     dev = torch.device(device) if device is not None else getattr(x, "device", torch.device("cpu"))
     budget = parse_bytes(max_memory, "hesse.io.compute_to") or available_bytes(dev) // 2
     spec = build_spec(quantity, f, x, output, batched, flat, dev, budget, row_blocks)
-    per_block = _per_block(spec, budget)
+    per_block = block_size or _per_block(spec, budget)
     blocks = make_blocks(spec.layout, per_block)
-    runner = _Runner(spec, blocks, budget, strategy)
+    runner = _Runner(spec, blocks, budget, strategy, block_size is not None)
     if out is None:
         if world > 1:
             raise HesseError("hesse.io.compute_to: out=None cannot be used with several processes")
@@ -154,8 +158,11 @@ def _hvp_working_set(spec: Spec, budget: int) -> int:
 class _Runner:
     """Computes blocks with one resolved strategy and streams them into a sink."""
 
-    def __init__(self, spec: Spec, blocks: list[Block], budget: int, strategy: str):
+    def __init__(
+        self, spec: Spec, blocks: list[Block], budget: int, strategy: str, fixed_blocks: bool
+    ):
         self.spec, self.blocks, self.budget, self.strategy = spec, blocks, budget, strategy
+        self.fixed_blocks = fixed_blocks
 
     def compute(self, block: Block, strategy: str) -> np.ndarray:
         """One block as ``(s, r, C)`` in the result's dtype."""
@@ -261,6 +268,7 @@ class _Runner:
             raise getattr(errors, state["error"], HesseError)(state["message"])
         config = state["config"]
         per_block = config["per_block"]
+        self.blocks = make_blocks(self.spec.layout, per_block)
         if sink is None:
             sink = open_sink(
                 path,
@@ -349,7 +357,13 @@ class _Runner:
                 f"hesse compute: cannot resume {path}: the run differs from the interrupted "
                 f"one in {', '.join(changed)}; remove the output to start again"
             )
+        if self.fixed_blocks and old.config["per_block"] != config["per_block"]:
+            raise ResumeMismatchError(
+                f"hesse compute: {path} was computed in blocks of {old.config['per_block']}, "
+                f"not {config['per_block']}"
+            )
         config = old.config
+        self.blocks = make_blocks(self.spec.layout, config["per_block"])
         sink = open_sink(
             path,
             self.spec.layout,
