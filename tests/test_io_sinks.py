@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 from safetensors.numpy import load_file
 
 import hesse
 import hesse.io
 from hesse import errors
 from io_models import cnn, mlp
+
+zarr = pytest.importorskip("zarr")  # zarr 3 needs Python 3.11
 
 QUANTITIES = ["jacobian", "hessian", "hessian_diag", "laplacian"]
 SINKS = [".npy", ".zarr", ".safetensors"]

@@ -4,10 +4,9 @@ All three accept blocks in any order and from several processes at once, as long
 process creates the file first (:func:`open_sink` with ``create=True``) and the others open
 it after a barrier:
 
-- :class:`NpySink` maps the ``.npy`` file (:func:`numpy.lib.format.open_memmap`); each
-  block is a slice of the map. Its space is reserved up front, so a full disk is an error
-  at creation, not a crash in the middle. Good on one machine; for many machines on a
-  shared file system use zarr.
+- :class:`NpySink` writes each block, a contiguous byte range of the ``.npy`` file, with
+  ``pwrite``. The file's space is reserved up front, so a full disk is an error at
+  creation. Good on one machine; for many machines on a shared file system use zarr.
 - :class:`ZarrSink` is a zarr v3 array whose chunks are the blocks, so no two blocks (no
   two processes) ever write the same chunk file.
 - :class:`SafetensorsSink` is for results that fit in memory: each block goes to its own
@@ -60,7 +59,13 @@ def _shard_dir(path: Path) -> Path:
 
 
 class NpySink:
-    """A memory-mapped ``.npy`` file holding the result in its public shape."""
+    """A ``.npy`` file holding the result in its public shape.
+
+    The file is created with :func:`numpy.lib.format.open_memmap` (header and size), and
+    every block, a contiguous byte range of the C-ordered array, is written with
+    ``os.pwrite`` and ``fdatasync``: the written pages are not mapped into the process (its
+    memory stays at one block), and a full disk is an ``OSError``, never a ``SIGBUS``.
+    """
 
     kind = "npy"
 
@@ -71,35 +76,50 @@ class NpySink:
                 mm = np.lib.format.open_memmap(
                     path, mode="w+", dtype=np.dtype(layout.dtype), shape=layout.shape
                 )
+                offset = mm.offset
+                mm.flush()
+                del mm
                 _reserve(path)
             else:
-                mm = _open_npy(path, layout)
-        self._mm = mm
-        self._work = mm.reshape(layout.work_shape)
+                offset = _open_npy(path, layout)
+            self._fd = os.open(path, os.O_RDWR)
+        self._offset = offset
+
+    def _start(self, region: Block) -> int:
+        lay = self.layout
+        return self._offset + ((region.s0 * lay.rows + region.r0) * lay.cols) * lay.itemsize
 
     def write(self, region: Block, block: np.ndarray) -> None:
-        """Copy ``block`` into the map and flush it to the file."""
+        """Write the block's byte range and make it durable."""
+        view = memoryview(np.ascontiguousarray(block, dtype=self.layout.dtype)).cast("B")
+        pos = self._start(region)
         with os_errors(self.path):
-            self._work[region.s0 : region.s1, region.r0 : region.r1] = block
-            self._mm.flush()
+            while view:
+                written = os.pwrite(self._fd, view, pos)
+                view, pos = view[written:], pos + written
+            os.fdatasync(self._fd)
 
     def read(self, region: Block) -> np.ndarray:
         """The stored values of ``region``."""
-        return np.array(self._work[region.s0 : region.s1, region.r0 : region.r1])
+        shape = (region.s1 - region.s0, region.r1 - region.r0, self.layout.cols)
+        size = int(np.prod(shape)) * self.layout.itemsize
+        data = os.pread(self._fd, size, self._start(region))
+        if len(data) != size:
+            return np.empty(0, dtype=self.layout.dtype)
+        return np.frombuffer(data, dtype=self.layout.dtype).reshape(shape)
 
     def finish(self) -> None:
-        """Flush the map."""
-        self._mm.flush()
+        """Flush the file."""
+        os.fsync(self._fd)
 
     def result(self) -> np.memmap:
         """A read-only map of the result, in its public shape."""
         return np.load(self.path, mmap_mode="r", allow_pickle=False)
 
     def close(self) -> None:
-        """Flush and drop the map."""
-        with contextlib.suppress(ValueError, OSError):
-            self._mm.flush()
-        del self._work, self._mm
+        """Close the file (the data written so far stays)."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 def _reserve(path: Path) -> None:
@@ -113,9 +133,10 @@ def _reserve(path: Path) -> None:
         os.close(fd)
 
 
-def _open_npy(path: Path, layout: Layout) -> np.memmap:
+def _open_npy(path: Path, layout: Layout) -> int:
+    """Check an existing ``.npy`` file against the layout; return its header length."""
     try:
-        mm = np.load(path, mmap_mode="r+", allow_pickle=False)
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError) as exc:
         raise FileFormatError(f"hesse compute: {path} is not a readable .npy file ({exc})") from exc
     if tuple(mm.shape) != layout.shape or mm.dtype != np.dtype(layout.dtype):
@@ -123,7 +144,7 @@ def _open_npy(path: Path, layout: Layout) -> np.memmap:
             f"hesse compute: {path} holds {mm.dtype}{list(mm.shape)}, the run needs "
             f"{layout.dtype}{list(layout.shape)}"
         )
-    return mm
+    return int(mm.offset)
 
 
 class ZarrSink:
