@@ -86,7 +86,11 @@ def add_compute_parser(sub: Any) -> None:
         help="accept a TorchScript MODEL (it runs its own code)",
     )
     p.add_argument("--input-key", default=None, help="array name in .npz/.safetensors/.pt")
-    p.add_argument("--strategy", default="auto", help="hesse strategy (default: auto)")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        help="auto (cost model), timed (fastest on the first block) or a strategy name",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
