@@ -126,6 +126,7 @@ def run_compute(args: argparse.Namespace) -> int:
     from hesse.io.load import load_inputs, load_model
 
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
     started = init_from_env(args.device)
     try:
         output = parse_output(args.output)
