@@ -11,7 +11,6 @@ and assembles the result at the end.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +25,11 @@ from hesse.errors import HesseError, OutputExistsError, ResumeMismatchError
 from . import manifest as mf
 from ._atomic import os_errors
 from ._dist import barrier, broadcast_json, rank_and_world
+from ._progress import _advance, _bar
+from ._sizing import _per_block
 from ._spec import Spec, build_spec, fingerprint_data, fingerprint_model, output_json
 from .files import open_sink, sink_kind, sink_paths
-from .schedule import Block, block_size, hessian_rows, make_blocks
+from .schedule import Block, hessian_rows, make_blocks
 from .sinks import BlockSink, MemorySink
 
 # config entries a resume takes from the manifest rather than from the new call
@@ -131,30 +132,6 @@ def compute_to(
         "strategy": strategy,
     }
     return runner.to_file(path, config, resume, progress, rank, world)
-
-
-def _per_block(spec: Spec, budget: int) -> int:
-    """Samples (rows) per block from the budget."""
-    lay = spec.layout
-    itemsize = lay.itemsize
-    if lay.row_mode:  # r copies of the sample, r unit vectors, the HVP working set
-        work = _hvp_working_set(spec, budget)
-        return block_size(lay, budget, work, 2 * spec.n * itemsize)
-    return block_size(lay, budget, 0, spec.n * itemsize)
-
-
-def _hvp_working_set(spec: Spec, budget: int) -> int:
-    """Estimated working memory of one Hessian-vector product (one row)."""
-    import hesse
-
-    x = spec.inputs(0, 1)
-    f = spec.f if spec.batched else torch.func.vmap(spec.f)
-    x = x if spec.batched else x.unsqueeze(0)
-    try:
-        p = hesse.plan(f, x, "hvp", output=spec.output, batched=True, max_memory=budget)
-        return int(p.step_bytes / max(1, p.samples_per_step))
-    except HesseError:
-        return 16 * spec.n * spec.layout.itemsize
 
 
 class _Runner:
@@ -422,22 +399,3 @@ class _Runner:
             sink.finish()
             merged.complete = True
         mf.consolidate(merged, path)
-
-
-def _bar(enabled: bool, blocks: list[Block], initial: int) -> Any:
-    """A tqdm bar over samples (or Hessian rows), with rate and ETA."""
-    from tqdm.auto import tqdm
-
-    unit = "row" if blocks and blocks[0].r1 - blocks[0].r0 > 1 else "sample"
-    total = sum(b.size for b in blocks)
-    return tqdm(total=total, initial=initial, unit=unit, disable=not enabled, desc="hesse")
-
-
-def _advance(bar: Any, path: Path, blocks: list[Block], before: set[int]) -> None:
-    """Set the bar to the blocks every process has recorded (read from their parts)."""
-    done: set[int] = set()
-    for part in mf.part_paths(path):
-        with contextlib.suppress(HesseError):
-            done |= set(mf.read_manifest(part).done)
-    units = sum(blocks[i].size for i in done | before)
-    bar.update(max(0, units - bar.n))
