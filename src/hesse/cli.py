@@ -1,4 +1,4 @@
-"""The ``hesse`` command line: ``hesse demo``, ``hesse bench`` and ``hesse --version``.
+"""The ``hesse`` command line: ``hesse demo``, ``hesse compute``, ``hesse bench``, ``--version``.
 
 A thin shell over the library. Every :class:`hesse.HesseError` subclass has its own exit
 code (:data:`EXIT_CODES`) and is reported as one line on stderr, without a traceback;
@@ -37,6 +37,12 @@ EXIT_CODES: dict[type[errors.HesseError], int] = {
     errors.MemoryBudgetError: 18,
     errors.StrategyError: 19,
     errors.StrategyMismatchError: 20,
+    errors.FileFormatError: 21,
+    errors.UnsafeFileError: 22,
+    errors.OutputExistsError: 23,
+    errors.OutputWriteError: 24,
+    errors.ResumeMismatchError: 25,
+    errors.MissingDependencyError: 26,
 }
 """Exit code of each error class; a subclass not listed uses its nearest listed base."""
 
@@ -100,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-plot", action="store_true", help="do not save the PNG")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    from hesse.compute import add_compute_parser
+
+    add_compute_parser(sub)
     sub.add_parser(
         "bench",
         help="run the benchmarks (repository checkout only); arguments go to benchmarks/run.py",
@@ -175,6 +184,10 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     if args.command == "demo":
         return _run_demo(args)
+    if args.command == "compute":
+        from hesse.compute import run_compute
+
+        return run_compute(args)
     parser.print_help(sys.stderr)
     return EXIT_USAGE
 

@@ -54,6 +54,30 @@ class StrategyMismatchError(HesseError, RuntimeError):
     """Two differentiation modes disagree on this model (e.g. ``torch.no_grad`` inside it)."""
 
 
+class FileFormatError(HesseError, ValueError):
+    """A model, input or weights file is truncated, corrupt, or not in a supported format."""
+
+
+class UnsafeFileError(HesseError, ValueError):
+    """A file would need pickle or TorchScript to load, which can run code; it was refused."""
+
+
+class OutputExistsError(HesseError, FileExistsError):
+    """The output already exists and resuming was not asked for (or it is not resumable)."""
+
+
+class OutputWriteError(HesseError, OSError):
+    """The output cannot be written: an unwritable or missing folder, or a full disk."""
+
+
+class ResumeMismatchError(HesseError, ValueError):
+    """A resumed run differs from the interrupted one (model, inputs or options changed)."""
+
+
+class MissingDependencyError(HesseError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
 class HesseWarning(UserWarning):
     """Base class of every warning issued by hesse."""
 
