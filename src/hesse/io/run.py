@@ -100,7 +100,7 @@ def compute_to(
     >>> torch.equal(H, 6 * torch.eye(3))
     True
     """
-    from hesse.memory import available_bytes, parse_bytes
+    from hesse.planning.memory import available_bytes, parse_bytes
 
     rank, world = rank_and_world()
     dev = torch.device(device) if device is not None else getattr(x, "device", torch.device("cpu"))
