@@ -202,3 +202,17 @@ def test_missing_extra_names_it(
         hesse.io.compute_to(
             "laplacian", model, x, tmp_path / "L.zarr", batched=True, progress=False
         )
+
+
+@pytest.mark.parametrize("quantity", ["hessian", "hessian_diag", "laplacian", "jacobian"])
+def test_public_out_equals_in_memory(tmp_path, quantity):
+    """``hesse.<quantity>(..., out="R.npy")`` streams the same numbers into a file."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+    ).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    fn = getattr(hesse, quantity)
+    want = fn(model, x, batched=True, output=1, flat=True)
+    handle = fn(model, x, batched=True, output=1, flat=True, out=tmp_path / "R.npy")
+    np.testing.assert_allclose(np.asarray(handle), want.numpy(), rtol=1e-12, atol=1e-14)

@@ -20,6 +20,7 @@ hvp           ``Q + S``         ``(m, n)``, or ``(n,)``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,8 @@ def jacobian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> torch.Tensor:
     """Jacobian of ``f`` with respect to its input, by vectorised reverse (or forward) mode.
 
@@ -61,6 +64,10 @@ def jacobian(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph so the result can be differentiated again.
         progress: Show a progress bar over the steps.
+        out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
+            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
+            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+        resume: With ``out``, skip the blocks an interrupted run already finished.
 
     Returns:
         Shape ``Q + S`` (``(m, n)`` / ``(n,)`` flat), with a leading ``B`` when batched.
@@ -70,6 +77,8 @@ def jacobian(
     >>> torch.equal(hesse.jacobian(lambda x: W @ x, torch.ones(2)), W)
     True
     """
+    if out is not None:
+        return _stream("jacobian", f, x, out, output, batched, flat, strategy, max_memory, resume)
     request = Request(
         "hesse.jacobian", "jacobian", output, batched, flat, strategy, chunk_size, max_memory,
         create_graph, progress,
@@ -89,6 +98,8 @@ def hessian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> torch.Tensor:
     """Hessian of ``f`` with respect to its input, from vectorised Hessian-vector products.
 
@@ -108,6 +119,10 @@ def hessian(
         max_memory: Memory budget in bytes or a string like ``"2GB"``; the result must fit.
         create_graph: Keep the graph so the Hessian can be differentiated again.
         progress: Show a progress bar over the steps.
+        out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
+            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
+            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+        resume: With ``out``, skip the blocks an interrupted run already finished.
 
     Returns:
         Shape ``Q + S + S`` (``(m, n, n)`` / ``(n, n)`` flat), a leading ``B`` when batched.
@@ -123,6 +138,8 @@ def hessian(
             [0., 0., 4., 0.],
             [0., 0., 0., 0.]])
     """
+    if out is not None:
+        return _stream("hessian", f, x, out, output, batched, flat, strategy, max_memory, resume)
     request = Request(
         "hesse.hessian", "hessian", output, batched, flat, strategy, chunk_size, max_memory,
         create_graph, progress,
@@ -224,3 +241,24 @@ def plan(
         max_memory, create_graph, progress,
     )  # fmt: skip
     return plan_of(request, f, x)
+
+
+def _stream(
+    quantity: str,
+    f: Fn,
+    x: torch.Tensor,
+    out: str | os.PathLike,
+    output: Selection,
+    batched: bool,
+    flat: bool,
+    strategy: str,
+    max_memory: Memory,
+    resume: bool,
+) -> object:
+    """``out=``: the result streamed into a file (:func:`hesse.io.compute_to`)."""
+    from .io import compute_to  # the file formats' packages load on first use
+
+    return compute_to(
+        quantity, f, x, out, output=output, batched=batched, flat=flat, max_memory=max_memory,
+        resume=resume, progress=False, strategy=strategy,
+    )  # fmt: skip

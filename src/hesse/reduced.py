@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -60,6 +61,8 @@ def hessian_diag(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> torch.Tensor:
     """Diagonal of the Hessian, from Hessian-vector products, without storing ``H``.
 
@@ -74,10 +77,18 @@ def hessian_diag(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph so the diagonal can be differentiated again.
         progress: Show a progress bar over the steps.
+        out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
+            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
+            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+        resume: With ``out``, skip the blocks an interrupted run already finished.
 
     Returns:
         Shape ``Q + S`` (the shape of ``x`` per selected output), a leading ``B`` if batched.
     """
+    if out is not None:
+        return _stream(
+            "hessian_diag", f, x, out, output, batched, flat, strategy, max_memory, resume
+        )
     request = Request(
         "hesse.hessian_diag", "hessian_diag", output, batched, flat, strategy, chunk_size,
         max_memory, create_graph, progress,
@@ -97,6 +108,8 @@ def laplacian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> torch.Tensor:
     """Laplacian ``trace(H)`` of each selected output, without storing ``H``.
 
@@ -111,6 +124,10 @@ def laplacian(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph, e.g. to train a PINN on a Laplacian residual.
         progress: Show a progress bar over the steps.
+        out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
+            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
+            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+        resume: With ``out``, skip the blocks an interrupted run already finished.
 
     Returns:
         Shape ``Q``: one number per selected output, with a leading ``B`` when batched.
@@ -119,8 +136,31 @@ def laplacian(
     >>> hesse.laplacian(lambda x: (x**2).sum(), torch.zeros(3))
     tensor(6.)
     """
+    if out is not None:
+        return _stream("laplacian", f, x, out, output, batched, flat, strategy, max_memory, resume)
     request = Request(
         "hesse.laplacian", "laplacian", output, batched, flat, strategy, chunk_size,
         max_memory, create_graph, progress,
     )  # fmt: skip
     return run(request, f, x)
+
+
+def _stream(
+    quantity: str,
+    f: Fn,
+    x: torch.Tensor,
+    out: str | os.PathLike,
+    output: Selection,
+    batched: bool,
+    flat: bool,
+    strategy: str,
+    max_memory: Memory,
+    resume: bool,
+) -> object:
+    """``out=``: the result streamed into a file (:func:`hesse.io.compute_to`)."""
+    from .io import compute_to  # the file formats' packages load on first use
+
+    return compute_to(
+        quantity, f, x, out, output=output, batched=batched, flat=flat, max_memory=max_memory,
+        resume=resume, progress=False, strategy=strategy,
+    )  # fmt: skip
