@@ -126,6 +126,8 @@ def graph_cost(graph: Graph, inputs: tuple, x: torch.Tensor, n: int, batch: int)
         batch: Samples in ``x`` (sizes are divided by it).
     """
     env = graph.env(inputs, x)
+    if graph.input_node is None:  # the model does not read its input: nothing to push
+        return GraphCost(1.0, (), (), n, n, False, len(graph.steps), True, n, n)
     seed = find_seed(graph, env, n)
     varying = {seed.node} if seed.matrix is not None else {graph.input_node}
     terms, generic = [], []

@@ -62,7 +62,8 @@ class Graph:
         module: The (functionalised) graph module.
         steps: Its computational nodes in order.
         placeholders: The graph's inputs, in the order the values arrive.
-        input_node: The placeholder of the model's input ``x``.
+        input_node: The placeholder of the model's input ``x`` (``None``: the model does
+            not read it, and every derivative is zero).
         output_node: The node of the model's output.
         constants: Values of ``get_attr`` nodes.
         results: Every output of the graph: the model's output, and values TorchDynamo
@@ -72,7 +73,7 @@ class Graph:
     module: fx.GraphModule
     steps: tuple[Step, ...]
     placeholders: tuple[fx.Node, ...]
-    input_node: fx.Node
+    input_node: fx.Node | None
     output_node: fx.Node
     constants: dict[fx.Node, Any]
     results: tuple[Any, ...] = ()
@@ -91,7 +92,8 @@ class Graph:
         """An environment with the graph's inputs bound, ``x`` for the model's input."""
         env: dict[fx.Node, Any] = dict(zip(self.placeholders, inputs, strict=True))
         env.update(self.constants)
-        env[self.input_node] = x
+        if self.input_node is not None:
+            env[self.input_node] = x
         return env
 
 
@@ -215,8 +217,7 @@ def build_graph(gm: fx.GraphModule, x_position: int) -> Graph:
     """
     _functionalise(gm)
     placeholders = tuple(n for n in gm.graph.nodes if n.op == "placeholder")
-    if not 0 <= x_position < len(placeholders):
-        raise CaptureError("the model does not read its input")
+    reads_input = 0 <= x_position < len(placeholders)
     constants: dict[fx.Node, Any] = {}
     steps: list[Step] = []
     grad_on = True
@@ -243,5 +244,5 @@ def build_graph(gm: fx.GraphModule, x_position: int) -> Graph:
     first = next((r for r in results if isinstance(r, fx.Node)), None)
     if first is None:
         raise CaptureError("the model's output does not depend on the graph")
-    x_node = placeholders[x_position]
+    x_node = placeholders[x_position] if reads_input else None
     return Graph(gm, tuple(steps), placeholders, x_node, first, constants, tuple(results))

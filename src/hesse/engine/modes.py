@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.fx as fx
 from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .graph import Graph
 from .rules.base import NoTaylorRule
@@ -90,6 +92,8 @@ def structured_pass(
         ``diag`` ``(s, m, n)``, ``laplacian`` ``(s, m)``, as requested.
     """
     n = x.shape[1]
+    if graph.input_node is None:  # the model does not read its input
+        return _zeros(graph, inputs, batch, n, index, want, x)
     if mode == "taylor":
         env = graph.env(inputs, to_model(x if differentiable else x.detach()))
         seed = Seed(graph.input_node, n, None)  # from the input: no bottleneck
@@ -136,6 +140,29 @@ def structured_pass(
                 )
             )
     return result
+
+
+def _zeros(
+    graph: Graph,
+    inputs: tuple,
+    batch: int,
+    n: int,
+    index: torch.Tensor | None,
+    want: frozenset[str],
+    like: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Every derivative of a model that does not read its input: zeros of the right shapes."""
+    env = graph.env(inputs, like)
+    with torch.no_grad():
+        for step in graph.steps:
+            leaves, spec = tree_flatten((step.node.args, step.node.kwargs))
+            values = [env[v] if isinstance(v, fx.Node) else v for v in leaves]
+            args, kwargs = tree_unflatten(values, spec)
+            env[step.node] = step.call(*args, **kwargs)
+    y = env[graph.output_node].reshape(batch, -1)
+    m = y.shape[1] if index is None else index.numel()
+    tails = {"jacobian": (n,), "gradient": (n,), "hessian": (n, n), "diag": (n,), "laplacian": ()}
+    return {k: like.new_zeros((batch, m, *tails[k])) for k in want}
 
 
 def _taylor(
