@@ -70,13 +70,8 @@ def check_warnings(case: ZooCase, call: int, messages: list) -> None:
     assert not unexpected, f"call {call + 1}: {unexpected}"
 
 
-NO_RULES_YET = pytest.mark.xfail(strict=True, reason="hardswish: no double backward, no rule")
-
-
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=NO_RULES_YET) if n == "mobilenet_v3" else n for n in ZOO]
-)
+@pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_hessian_over_repeated_calls(name: str, batched: bool) -> None:
     case = ZOO[name]
     model = case.model()
@@ -88,7 +83,11 @@ def test_zoo_hessian_over_repeated_calls(name: str, batched: bool) -> None:
         assert float(want.abs().max()) > 1e-6
     for call, (got, messages) in enumerate(calls(case, model, x, batched, "hessian", CALLS)):
         torch.testing.assert_close(
-            got.reshape(want.shape), want, rtol=1e-9, atol=1e-11, msg=f"{name}, call {call + 1}"
+            got.reshape(want.shape),
+            want,
+            rtol=case.rtol,
+            atol=case.rtol / 100,
+            msg=f"{name}, call {call + 1}",
         )
         check_warnings(case, call, messages)
 

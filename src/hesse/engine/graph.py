@@ -9,7 +9,8 @@ guarded by TorchDynamo, which captures again when it changes.
 
 Before the engine uses it, the graph is made functional:
 
-- in-place ops (``relu_``, ``x += y``, ``inplace=True``) become their out-of-place forms,
+- in-place ops (``relu_``, ``x += y``, ``inplace=True`` by keyword or by position, as
+  ``nn.Hardswish(inplace=True)`` passes it) become their out-of-place forms,
   and later readers of the mutated value read the new node: the caller's buffers are
   never written;
 - values computed under ``torch.no_grad()`` and ``.detach()`` are constants (no tangent);
@@ -20,6 +21,7 @@ Before the engine uses it, the graph is made functional:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,6 +153,8 @@ def _functionalise(gm: fx.GraphModule) -> None:
         mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if node.kwargs.get("inplace") is True:
             node.kwargs = {**node.kwargs, "inplace": False}
+        elif (at := _inplace_position(node)) is not None:  # F.hardswish(x, True), ...
+            node.args = (*node.args[:at], False, *node.args[at + 1 :])
         elif node.op == "call_method" and name.endswith("_") and not name.startswith("_"):
             if not hasattr(torch.Tensor, name[:-1]):
                 raise CaptureError(f"in-place method {name} has no out-of-place form")
@@ -164,6 +168,18 @@ def _functionalise(gm: fx.GraphModule) -> None:
             alias[mutated] = node
     gm.graph.lint()
     gm.recompile()
+
+
+def _inplace_position(node: fx.Node) -> int | None:
+    """Where a call passes ``inplace=True`` positionally (``nn.Hardswish``, ``nn.ELU``, ...)."""
+    if node.op != "call_function" or not callable(node.target):
+        return None
+    try:
+        params = list(inspect.signature(node.target).parameters)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    at = params.index("inplace") if "inplace" in params else -1
+    return at if 0 <= at < len(node.args) and node.args[at] is True else None
 
 
 def _check_not_aliased(mutated: fx.Node, at: fx.Node, order: dict[fx.Node, int]) -> None:

@@ -112,8 +112,9 @@ def _site(step: Step, values: list, spec, varying: list[int], tangents: list, ou
         return step.call(*args, **kwargs)
 
     inputs = tuple(values[i] for i in varying)
-    extra = len(values) - len(varying)
-    return Site(fn, inputs, tuple(tangents), output, step.call, extra, tuple(varying))
+    chosen = set(varying)
+    extras = tuple(v for i, v in enumerate(values) if i not in chosen)
+    return Site(fn, inputs, tuple(tangents), output, step.call, len(extras), extras, tuple(varying))
 
 
 def _identity_tangent(d: int, like: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .base import Rule, Site
 from .bilinear import BilinearRule
 from .elementwise import ElementwiseRule, PiecewiseLinearRule
 
-__all__ = ["RULES", "Rule", "Site", "lookup", "register_rule"]
+__all__ = ["PIECEWISE_QUADRATIC", "RULES", "Rule", "Site", "lookup", "register_rule"]
 
 
 class _Linear(Rule):
@@ -35,7 +35,11 @@ SMOOTH_ELEMENTWISE = (
     "reciprocal", "softsign", "logsigmoid", "tanhshrink", "erf", "sinh", "cosh", "atan",
     "asinh",
 )
-PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu", "hardtanh", "threshold", "abs")
+# C^1, piecewise quadratic: phi'' is a step (closed forms; torch has no double backward)
+PIECEWISE_QUADRATIC = ("hardswish",)
+PIECEWISE_LINEAR = (
+    "relu", "relu6", "leaky_relu", "hardtanh", "threshold", "abs", "hardsigmoid",
+)
 LINEAR_OPS = (
     "add", "sub", "neg", "iadd", "isub", "view", "reshape", "flatten", "unflatten",
     "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze", "getitem", "cat",
@@ -71,6 +75,8 @@ def register_rule(key: str, factory: Callable[..., Rule], *, overwrite: bool = F
 
 
 for _name in SMOOTH_ELEMENTWISE:
+    register_rule(_name, lambda node, name=_name: ElementwiseRule(name))
+for _name in PIECEWISE_QUADRATIC:
     register_rule(_name, lambda node, name=_name: ElementwiseRule(name))
 for _name in PIECEWISE_LINEAR:
     register_rule(_name, lambda node, name=_name: PiecewiseLinearRule(name))
