@@ -26,6 +26,7 @@ from hesse.engine.rules import (
     PIECEWISE_QUADRATIC,
     RULES,
     SMOOTH_ELEMENTWISE,
+    TUPLE_OPS,
 )
 from hesse.planning.capture import capture
 
@@ -167,6 +168,10 @@ OP_EXAMPLES = {
     "unsqueeze": lambda a: torch.sin(a.unsqueeze(1)),
     "getitem": lambda a: torch.sin(a[:, 1:3]) * a[:, :2],
     "cat": lambda a: torch.sin(torch.cat([a, a * a], 1)),
+    "chunk": lambda a: torch.sin(a.chunk(2, 1)[0]) * a.chunk(2, dim=-1)[1],
+    "split": lambda a: torch.sin(a.split([1, 3], 1)[1]) * torch.split(a, 2, -1)[0].sum(1, True),
+    "unbind": lambda a: torch.stack([torch.sin(u) * a.unbind(1)[0] for u in a.unbind(1)], 1),
+    "tensor_split": lambda a: torch.sin(torch.tensor_split(a, (1, 3), dim=1)[1]) * a[:, :2],
     "stack": lambda a: torch.sin(torch.stack([a, a * 2], 1)),
     "sum": lambda a: torch.sin(a.sum(1, keepdim=True)) * a,
     "mean": lambda a: torch.sin(a.mean(1, keepdim=True)) * a,
@@ -221,7 +226,9 @@ OP_EXAMPLES = {
 ARGUMENT_RULES = ("linear", "conv1d", "conv2d", "conv3d", "batch_norm")
 
 
-@pytest.mark.parametrize("name", LINEAR_OPS + BILINEAR_OPS + DIVISION_OPS + ARGUMENT_RULES)
+@pytest.mark.parametrize(
+    "name", LINEAR_OPS + TUPLE_OPS + BILINEAR_OPS + DIVISION_OPS + ARGUMENT_RULES
+)
 def test_every_op_rule(name: str) -> None:
     assert name in RULES, f"{name} is not registered"
     example = OP_EXAMPLES[name]  # a KeyError here means: add an example for the new rule
@@ -278,6 +285,43 @@ def test_every_module_rule(module_type: type) -> None:
     with torch.no_grad():
         model(_inner(x))  # materialise the lazy layer
     _check(lambda z: torch.tanh(model(_inner(z))) * _inner(z)[:, :2], x)
+
+
+class Coupling(nn.Module):
+    """An affine coupling layer: a split's halves through different branches, then cat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        s, t = self.net(x1).split(3, dim=-1)
+        x3, *rest = x2.unbind(-1)
+        y2 = x2 * torch.exp(torch.tanh(s)) + t * x3.unsqueeze(-1)
+        return torch.cat([x1 * rest[0].unsqueeze(-1), y2], dim=-1)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_tuple_ops_in_the_engine(batched: bool) -> None:
+    """Tuple-valued splits through every quantity and engine mode, one sample or a batch."""
+    torch.manual_seed(3)
+    model = Coupling().to(DT)
+    x = torch.randn(3, 6, dtype=DT)
+    h = _reference(model, x, "hessian")
+    j = _reference(model, x, "jacobian")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the engine runs it
+        for mode, key in ENGINE_MODES:
+            if batched:
+                out = _pass(model, x, 3, frozenset({key}), mode)[key]
+            else:
+                out = torch.stack([_pass(model, z, 1, frozenset({key}), mode)[key][0] for z in x])
+            want = {"hessian": h, "diag": h.diagonal(dim1=-2, dim2=-1)}.get(key)
+            want = h.diagonal(dim1=-2, dim2=-1).sum(-1) if want is None else want
+            torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12, msg=f"{mode} {key}")
+        got = hesse.jacobian(model, x if batched else x[0], batched=batched, strategy="structured")
+    torch.testing.assert_close(got, j if batched else j[0], rtol=1e-10, atol=1e-12)
 
 
 class _Twin(nn.Module):

@@ -22,6 +22,7 @@ from .graph import Graph
 from .rules.base import Rule
 from .rules.bilinear import BilinearRule
 from .rules.elementwise import ElementwiseRule
+from .rules.tuples import is_tensors
 from .tangents import find_seed
 
 
@@ -118,6 +119,13 @@ class GraphCost:
         return mode, costs[mode]
 
 
+def _numel(value: torch.Tensor | tuple) -> int:
+    """Entries of a tensor, or of a split's tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    return sum(v.numel() for v in value)
+
+
 def graph_cost(graph: Graph, inputs: tuple, x: torch.Tensor, n: int, batch: int) -> GraphCost:
     """Runs the captured graph (values only) and measures it per sample.
 
@@ -145,12 +153,14 @@ def graph_cost(graph: Graph, inputs: tuple, x: torch.Tensor, n: int, batch: int)
             out = env[step.node]
             if step.constant or not inputs:
                 continue
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            if not is_tensors(out) and not (
+                isinstance(out, torch.Tensor) and out.is_floating_point()
+            ):
                 continue
             varying.add(step.node)
-            size = sum(env[v].numel() for v in inputs) // batch  # type: ignore[union-attr]
-            total_size += out.numel() // batch
-            max_size = max(max_size, out.numel() // batch, size)
+            size = sum(_numel(env[v]) for v in inputs) // batch
+            total_size += _numel(out) // batch
+            max_size = max(max_size, _numel(out) // batch, size)
             if isinstance(step.rule, ElementwiseRule):
                 if step.rule.curvature_on:
                     terms.append(size)

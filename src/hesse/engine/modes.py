@@ -9,6 +9,7 @@ from torch.func import vmap
 
 from .graph import Graph
 from .rules.base import NoTaylorRule
+from .rules.tuples import accumulate
 from .tangents import Record, Seed, find_seed, forward
 
 
@@ -40,7 +41,7 @@ def _sweep(records: list[Record], grads: dict, start, d: int, batch: int, like) 
             parts.append(curv)
         for part in parts:
             for node, value in zip(record.inputs, part, strict=True):
-                gdot[node] = value if node not in gdot else gdot[node] + value
+                gdot[node] = accumulate(gdot.get(node), value)
     if start not in gdot:
         return like.new_zeros((batch, d, d))
     return gdot[start].reshape(d, batch, -1).transpose(0, 1)
