@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from torch import nn
 from torch.func import hessian, jacrev
 
 import hesse
@@ -20,6 +21,17 @@ from zoo import ZOO, ZooCase
 
 CALLS = 10
 BATCH = 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread (two threads on a busy machine cost 10-40x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -102,3 +114,75 @@ def test_zoo_jacobian_of_piecewise_models(name: str) -> None:
     for call, (got, messages) in enumerate(calls(case, model, x, True, "jacobian", 3)):
         torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-9, atol=1e-11)
         check_warnings(case, call, messages)
+
+
+def relu_maxpool_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+
+
+SECOND_ORDER = {  # quantity: (output=, shape of the result)
+    "hessian": (3, (3072, 3072)),
+    "hessian_diag": ([1, 3], (2, 1, 3, 32, 32)),
+    "laplacian": (None, (1, 10)),
+    "hvp": (3, (1, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("quantity", list(SECOND_ORDER))
+def test_piecewise_linear_model_gives_zeros_without_work(quantity, monkeypatch) -> None:
+    """ReLU + max-pool on 3x32x32: exact zeros at once, the warning naming the ops."""
+    import hesse.front
+
+    def no_strategy(*args, **kwargs):
+        raise AssertionError("a strategy ran for a piecewise-linear model")
+
+    monkeypatch.setattr(hesse.front, "execute", no_strategy)
+    model, x = relu_maxpool_cnn(), torch.randn(1, 3, 32, 32)
+    output, shape = SECOND_ORDER[quantity]
+    extra = (torch.ones_like(x),) if quantity == "hvp" else ()
+    with pytest.warns(hesse.PiecewiseLinearWarning, match=r"max_pool2d, relu"):
+        got = getattr(hesse, quantity)(model, x, *extra, output=output, flat=quantity == "hessian")
+    assert got.shape == shape and not got.any()
+    plan = hesse.plan(model, x, quantity, output=output)
+    assert plan.strategy == "zeros" and "piecewise linear (max_pool2d, relu)" in str(plan)
+    assert plan.ran == "zeros"
+
+
+def test_piecewise_detection_is_conservative() -> None:
+    """Curvature anywhere (a product of branches, a smooth op, a squared ReLU) runs."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 4)
+    models = {
+        "product": lambda z: (torch.relu(lin(z)) * lin(z)).sum(-1),
+        "smooth": lambda z: torch.tanh(torch.relu(lin(z))).sum(-1),
+        "square": lambda z: (torch.relu(lin(z)) ** 2).sum(-1),
+    }
+    x = torch.randn(2, 3)
+    for name, f in models.items():
+        one = lambda t, f=f: f(t[None])[0]  # noqa: E731
+        want = torch.stack([hessian(one)(xi) for xi in x]).detach()
+        assert want.abs().max() > 1e-3, name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = hesse.hessian(f, x, batched=True)
+            assert hesse.plan(f, x, batched=True).strategy != "zeros"
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_first_order_of_piecewise_models_still_runs() -> None:
+    model, x = relu_maxpool_cnn(), torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jac = hesse.jacobian(model, x, output=3)
+    assert jac.shape == x.shape and jac.abs().max() > 0
+    assert hesse.plan(model, x, "jacobian", output=3).strategy != "zeros"
