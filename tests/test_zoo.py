@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 import hesse
-from zoo import ZOO, ZooCase
+from zoo import ATOMS, ZOO, Bound, ZooCase
 
 CALLS = 10
 BATCH = 2
@@ -69,7 +69,9 @@ def calls(case: ZooCase, model, x: torch.Tensor, batched: bool, quantity: str, c
     for _ in range(count):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            got = getattr(hesse, quantity)(model, x, batched=batched, output=case.output, flat=True)
+            got = getattr(hesse, quantity)(
+                model, x, batched=batched, output=case.output, flat=True, args=case.extra_args()
+            )
         results.append((got, [w.message for w in caught]))
     return results
 
@@ -186,3 +188,44 @@ def test_first_order_of_piecewise_models_still_runs() -> None:
         jac = hesse.jacobian(model, x, output=3)
     assert jac.shape == x.shape and jac.abs().max() > 0
     assert hesse.plan(model, x, "jacobian", output=3).strategy != "zeros"
+
+
+def test_extra_arguments_are_read_live_and_not_differentiated() -> None:
+    """``args``/``kwargs``: new species values each call, kwargs, plans; closure reference."""
+    case = ZOO["pair_potential"]
+    model, x = case.model(), case.input(BATCH)
+    species, pairs = case.extra_args()
+
+    def closure_reference(kinds: torch.Tensor) -> torch.Tensor:
+        f = Bound(model, kinds, pairs)
+        one = lambda z: f(z.reshape(case.shape))  # noqa: E731
+        return torch.stack([hessian(one)(xi.reshape(-1)) for xi in x]).detach()
+
+    for call in range(4):
+        kinds = species if call < 2 else species.flip(0)
+        want = closure_reference(kinds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = hesse.hessian(
+                model, x, batched=True, flat=True, args=(kinds,), kwargs={"pairs": pairs}
+            )
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"call {call + 1}")
+    species.copy_(species.flip(0))  # in place: read at the next call
+    want = closure_reference(species)
+    plan = hesse.plan(model, x, "laplacian", batched=True, args=(species, pairs))
+    lap = plan(x)
+    torch.testing.assert_close(lap, want.diagonal(dim1=-2, dim2=-1).sum(-1))
+    one = hesse.hessian(model, x[0], args=(species, pairs), flat=True)
+    torch.testing.assert_close(one, want[0], rtol=1e-10, atol=1e-12)
+    v = torch.ones_like(x)
+    hv = hesse.hvp(model, x, v, batched=True, args=(species,), kwargs={"pairs": pairs})
+    want_hv = torch.einsum("bij,bj->bi", want, v.reshape(BATCH, -1))
+    torch.testing.assert_close(hv.reshape(BATCH, -1), want_hv)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"args": 3}, {"args": torch.ones(2)}, {"kwargs": [1, 2]}])
+def test_extra_arguments_of_the_wrong_type(bad) -> None:
+    model, x = ZOO["pair_potential"].model(), torch.randn(ATOMS, 3)
+    with pytest.raises(hesse.UnsupportedInputError, match=r"hesse.hessian: expected (args|kw)"):
+        hesse.hessian(model, x, **bad)

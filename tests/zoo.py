@@ -261,6 +261,7 @@ class ZooCase:
         piecewise: All curvature is piecewise linear (the Hessian is zero a.e.).
         lead: A single input keeps a leading batch dimension of 1 (BatchNorm needs it).
         rtol: Tolerance against the reference.
+        args: Makes the fixed extra arguments of the model after ``x`` (``args=``).
     """
 
     name: str
@@ -271,6 +272,7 @@ class ZooCase:
     piecewise: bool = False
     lead: bool = False
     rtol: float = 1e-9
+    args: Callable[[], tuple] | None = None
 
     def model(self, seed: int = 0) -> nn.Module:
         with seeded(seed):
@@ -284,8 +286,13 @@ class ZooCase:
                 shape = (batch, *self.shape)
             return torch.randn(shape)
 
+    def extra_args(self) -> tuple:
+        return () if self.args is None else self.args()
+
     def reference_model(self, model: nn.Module) -> nn.Module:
-        return model if self.twin is None else self.twin(model)
+        """A model of ``x`` alone (the closure over the extra arguments) for torch.func."""
+        model = model if self.twin is None else self.twin(model)
+        return Bound(model, *self.extra_args()) if self.args is not None else model
 
 
 ZOO = {
@@ -312,6 +319,6 @@ ZOO = {
     "lstm": ZooCase("lstm", lambda: RecurrentHead(nn.LSTM), (4, 3)),
     "coupling": ZooCase("coupling", AffineCoupling, (6,)),
     "pair_potential": ZooCase(
-        "pair_potential", lambda: Bound(PairPotential(), species(), neighbours()), (ATOMS, 3)
+        "pair_potential", PairPotential, (ATOMS, 3), args=lambda: (species(), neighbours())
     ),
 }

@@ -44,6 +44,8 @@ def jacobian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Jacobian of ``f`` with respect to its input, by vectorised reverse (or forward) mode.
 
@@ -61,6 +63,10 @@ def jacobian(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph so the result can be differentiated again.
         progress: Show a progress bar over the steps.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S`` (``(m, n)`` / ``(n,)`` flat), with a leading ``B`` when batched.
@@ -72,7 +78,7 @@ def jacobian(
     """
     request = Request(
         "hesse.jacobian", "jacobian", output, batched, flat, strategy, chunk_size, max_memory,
-        create_graph, progress,
+        create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -89,6 +95,8 @@ def hessian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Hessian of ``f`` with respect to its input, from vectorised Hessian-vector products.
 
@@ -108,6 +116,10 @@ def hessian(
         max_memory: Memory budget in bytes or a string like ``"2GB"``; the result must fit.
         create_graph: Keep the graph so the Hessian can be differentiated again.
         progress: Show a progress bar over the steps.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S + S`` (``(m, n, n)`` / ``(n, n)`` flat), a leading ``B`` when batched.
@@ -125,7 +137,7 @@ def hessian(
     """
     request = Request(
         "hesse.hessian", "hessian", output, batched, flat, strategy, chunk_size, max_memory,
-        create_graph, progress,
+        create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -142,6 +154,8 @@ def derivatives(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Value, Jacobian and Hessian of ``f`` from one pass of Hessian-vector products.
 
@@ -159,6 +173,10 @@ def derivatives(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph so the results can be differentiated again.
         progress: Show a progress bar over the steps.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         ``(value, jacobian, hessian)`` of shapes ``Q``, ``Q + S`` and ``Q + S + S``
@@ -167,7 +185,7 @@ def derivatives(
     """
     request = Request(
         "hesse.derivatives", "derivatives", output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -185,6 +203,8 @@ def plan(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> Plan:
     """The plan of a call: strategy, steps, memory estimates and why; callable and tunable.
 
@@ -207,6 +227,10 @@ def plan(
         max_memory: As for the call.
         create_graph: As for the call.
         progress: As for the call.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         A :class:`Plan`.
@@ -221,6 +245,6 @@ def plan(
     """
     request = Request(
         f"hesse.plan({quantity})", quantity, output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return plan_of(request, f, x)

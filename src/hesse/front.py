@@ -20,6 +20,7 @@ from .driver import Outcome, execute, working_alternative
 from .engine import CaptureError
 from .engine.linearity import piecewise_linear_ops
 from .errors import HesseError, MemoryBudgetError, PiecewiseLinearWarning, StrategyError
+from .planning.arguments import with_arguments
 from .planning.choice import Declined, budget_bytes, check_fits, chunking, make_plan
 from .planning.plan import Plan, Request, Tuning
 from .planning.problem import Problem, build_problem
@@ -202,6 +203,7 @@ def run(
 ) -> Any:
     """Computes a request: the body of every public function and of ``Plan.__call__``."""
     check_request(request)
+    f = with_arguments(request.api, f, request.args, request.kwargs)
     with _CALLS, derivative_scope(), preserved(f):
         problem = build_problem(
             request.api,
@@ -228,10 +230,14 @@ def run(
 def plan_of(request: Request, f: Fn, x: torch.Tensor) -> Plan:
     """The plan a call of ``request`` on ``(f, x)`` would run now; computes nothing."""
     check_request(request)
-    with _CALLS, derivative_scope(), preserved(f):
+    model = with_arguments(request.api, f, request.args, request.kwargs)
+    with _CALLS, derivative_scope(), preserved(model):
         capture = request.strategy in ("auto", "structured")
-        problem = build_problem(request.api, f, x, request.output, request.batched, capture=capture)
-        plan = current_plan(problem, request)
+        problem = build_problem(
+            request.api, model, x, request.output, request.batched, capture=capture
+        )
+        plan = replace(current_plan(problem, request), model=f)  # the caller's f: the
+        # plan binds the request's arguments again when it is called
         ops = piecewise_ops(problem, request)
         if ops is None:
             return plan
@@ -255,8 +261,9 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
     """
     request = plan.request
     rounds = max(2, int(rounds))
-    with _CALLS, derivative_scope(), preserved(plan.model):
-        problem = build_problem(request.api, plan.model, x, request.output, request.batched)
+    model = with_arguments(request.api, plan.model, request.args, request.kwargs)
+    with _CALLS, derivative_scope(), preserved(model):
+        problem = build_problem(request.api, model, x, request.output, request.batched)
         flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
         try:
             base = make_plan(problem, request)
@@ -276,7 +283,13 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
     best = min(times, key=lambda n: min(times[n]))
     tuned = base.with_strategy(best, chunking(problem, request, best))
     record = Tuning("settled", tuple(times.items()), best)
-    return replace(tuned, tuning=record, pinned=True, reason=f"{tuned.reason}; tuned: fastest")
+    return replace(
+        tuned,
+        model=plan.model,
+        tuning=record,
+        pinned=True,
+        reason=f"{tuned.reason}; tuned: fastest",
+    )
 
 
 QUANTITY_NAMES = tuple(QUANTITIES)

@@ -24,6 +24,8 @@ def hvp(
     flat: bool = False,
     strategy: str = "auto",
     create_graph: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Hessian-vector product ``H(x) v`` of each selected output, without forming ``H``.
 
@@ -36,6 +38,9 @@ def hvp(
         flat: Return ``(m, n)`` (``(n,)`` for one element) instead of ``Q + S``.
         strategy: ``"auto"`` or one of :func:`hesse.available_strategies`.
         create_graph: Keep the graph so the product can be differentiated again.
+        args: Fixed extra positional arguments of ``f`` after ``x``: passed unchanged to
+            every call, not differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S``, with a leading ``B`` when batched.
@@ -44,7 +49,10 @@ def hvp(
     >>> hesse.hvp(lambda x: (x**3).sum(), torch.tensor([1.0, 2.0]), torch.ones(2))
     tensor([ 6., 12.])
     """
-    request = Request("hesse.hvp", "hvp", output, batched, flat, strategy, None, None, create_graph)
+    request = Request(
+        "hesse.hvp", "hvp", output, batched, flat, strategy, None, None, create_graph, False,
+        args, kwargs,
+    )  # fmt: skip
     return run(request, f, x, v)
 
 
@@ -60,6 +68,8 @@ def hessian_diag(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Diagonal of the Hessian, from Hessian-vector products, without storing ``H``.
 
@@ -74,13 +84,17 @@ def hessian_diag(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph so the diagonal can be differentiated again.
         progress: Show a progress bar over the steps.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S`` (the shape of ``x`` per selected output), a leading ``B`` if batched.
     """
     request = Request(
         "hesse.hessian_diag", "hessian_diag", output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -97,6 +111,8 @@ def laplacian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Laplacian ``trace(H)`` of each selected output, without storing ``H``.
 
@@ -111,6 +127,10 @@ def laplacian(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph, e.g. to train a PINN on a Laplacian residual.
         progress: Show a progress bar over the steps.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q``: one number per selected output, with a leading ``B`` when batched.
@@ -121,6 +141,6 @@ def laplacian(
     """
     request = Request(
         "hesse.laplacian", "laplacian", output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
