@@ -22,6 +22,7 @@ from .engine.linearity import piecewise_linear_ops
 from .errors import HesseError, MemoryBudgetError, PiecewiseLinearWarning, StrategyError
 from .planning.arguments import with_arguments
 from .planning.choice import Declined, budget_bytes, check_fits, chunking, make_plan
+from .planning.exported import adapt_exported
 from .planning.plan import Plan, Request, Tuning
 from .planning.problem import Problem, build_problem
 from .planning.scope import derivative_scope, preserved
@@ -203,6 +204,7 @@ def run(
 ) -> Any:
     """Computes a request: the body of every public function and of ``Plan.__call__``."""
     check_request(request)
+    f = adapt_exported(request.api, f, x, request.batched)
     f = with_arguments(request.api, f, request.args, request.kwargs)
     with _CALLS, derivative_scope(), preserved(f):
         problem = build_problem(
@@ -230,7 +232,8 @@ def run(
 def plan_of(request: Request, f: Fn, x: torch.Tensor) -> Plan:
     """The plan a call of ``request`` on ``(f, x)`` would run now; computes nothing."""
     check_request(request)
-    model = with_arguments(request.api, f, request.args, request.kwargs)
+    model = adapt_exported(request.api, f, x, request.batched)
+    model = with_arguments(request.api, model, request.args, request.kwargs)
     with _CALLS, derivative_scope(), preserved(model):
         capture = request.strategy in ("auto", "structured")
         problem = build_problem(
@@ -261,7 +264,8 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
     """
     request = plan.request
     rounds = max(2, int(rounds))
-    model = with_arguments(request.api, plan.model, request.args, request.kwargs)
+    model = adapt_exported(request.api, plan.model, x, request.batched)
+    model = with_arguments(request.api, model, request.args, request.kwargs)
     with _CALLS, derivative_scope(), preserved(model):
         problem = build_problem(request.api, model, x, request.output, request.batched)
         flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
