@@ -732,3 +732,26 @@ def test_failed_compile_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPa
     finally:
         kernels._COMPILED.clear()
         kernels._FAILED.clear()
+
+
+@pytest.mark.parametrize("op", ["linear", "conv1d"])
+def test_affine_layer_with_a_weight_computed_from_x(op: str) -> None:
+    """``F.linear(a, W(x))`` is bilinear: the engine gives it the generic rule."""
+    torch.manual_seed(4)
+    lin = nn.Linear(4, 4).to(DT)
+
+    def f(z: torch.Tensor) -> torch.Tensor:  # one sample, (3,) -> (2,) or (6,)
+        a = _inner(z[None])[0]
+        w = torch.sin(lin(a))
+        if op == "linear":
+            return F.linear(torch.tanh(a), w.reshape(-1, 4)[:2] * 1.0)
+        return F.conv1d(torch.tanh(a)[None], w.reshape(-1, 1, 2)[:2]).flatten()
+
+    x = torch.randn(3, dtype=DT)
+    want = hessian(f)(x)
+    got = hesse.hessian(f, x, strategy="structured")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for mode, key in ENGINE_MODES:
+        if key == "hessian":
+            out = _pass(f, x, 1, frozenset({key}), mode)[key][0]
+            torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12, msg=mode)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import hessian, jacrev
 
@@ -229,3 +230,18 @@ def test_extra_arguments_of_the_wrong_type(bad) -> None:
     model, x = ZOO["pair_potential"].model(), torch.randn(ATOMS, 3)
     with pytest.raises(hesse.UnsupportedInputError, match=r"hesse.hessian: expected (args|kw)"):
         hesse.hessian(model, x, **bad)
+
+
+def test_piecewise_detection_sees_a_weight_that_depends_on_x() -> None:
+    """``F.linear`` is linear in its input only: a weight computed from x is curvature."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 4)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z[:1], torch.relu(lin(z))[:, None]).sum()
+
+    x = torch.randn(3)
+    want = hessian(f)(x).detach()
+    assert want.abs().max() > 1e-3
+    assert hesse.plan(f, x).strategy != "zeros"
+    torch.testing.assert_close(hesse.hessian(f, x), want, rtol=1e-10, atol=1e-12)

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from .rules import Rule, lookup
+from .rules.affine import ConvRule, LinearRule
 
 
 class CaptureError(Exception):
@@ -260,4 +261,27 @@ def build_graph(gm: fx.GraphModule, x_position: int) -> Graph:
     if first is None:
         raise CaptureError("the model's output does not depend on the graph")
     x_node = placeholders[x_position]
+    steps = _weights_from_input(steps, x_node)
     return Graph(gm, tuple(steps), placeholders, x_node, first, constants, tuple(results))
+
+
+def _weights_from_input(steps: list[Step], x_node: fx.Node) -> list[Step]:
+    """Affine rules for constant weights only: ``F.linear(a, W(x))`` gets the generic rule.
+
+    A weight computed from the input makes the op bilinear, with a second-order term.
+    """
+    depends = {x_node}
+    out = []
+    for step in steps:
+        node = step.node
+        if any(a in depends for a in node.all_input_nodes) and not step.constant:
+            depends.add(node)
+        if isinstance(step.rule, LinearRule | ConvRule):
+            rest = [
+                a for a in node.all_input_nodes if a is not (node.args[0] if node.args else None)
+            ]
+            if any(a in depends for a in rest):
+                rule = Rule()
+                step = dataclasses.replace(step, rule=rule, label=_label(node, rule))
+        out.append(step)
+    return out

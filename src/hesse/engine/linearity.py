@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .graph import Graph
+from .rules.affine import ConvRule, LinearRule
 from .rules.bilinear import BilinearRule
 from .rules.elementwise import PiecewiseLinearRule
 
@@ -66,6 +67,8 @@ def piecewise_linear_ops(graph: Graph) -> tuple[str, ...] | None:
             one = len(positions) == 1
             if not one or rule.linear_positions not in (None, positions):
                 return None
+        elif isinstance(rule, (LinearRule, ConvRule)) and positions != (0,):
+            return None  # a weight that depends on x: bilinear, not linear
         elif not rule.linear:
             return None
         elif any(p in str(getattr(step.call, "__name__", name)) for p in _PIECEWISE_NAMES):
