@@ -28,6 +28,7 @@ import torch
 from .front import plan_of, run
 from .planning.plan import Plan, Request
 from .planning.problem import Selection
+from .streaming import stream as _stream
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Memory = int | str | None
@@ -47,6 +48,8 @@ def jacobian(
     progress: bool = False,
     out: str | os.PathLike | None = None,
     resume: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Jacobian of ``f`` with respect to its input, by vectorised reverse (or forward) mode.
 
@@ -68,6 +71,10 @@ def jacobian(
             or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
             of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
         resume: With ``out``, skip the blocks an interrupted run already finished.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S`` (``(m, n)`` / ``(n,)`` flat), with a leading ``B`` when batched.
@@ -78,10 +85,12 @@ def jacobian(
     True
     """
     if out is not None:
-        return _stream("jacobian", f, x, out, output, batched, flat, strategy, max_memory, resume)
+        return _stream(
+            "jacobian", f, x, args, kwargs, out, output, batched, flat, strategy, max_memory, resume
+        )
     request = Request(
         "hesse.jacobian", "jacobian", output, batched, flat, strategy, chunk_size, max_memory,
-        create_graph, progress,
+        create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -100,6 +109,8 @@ def hessian(
     progress: bool = False,
     out: str | os.PathLike | None = None,
     resume: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Hessian of ``f`` with respect to its input, from vectorised Hessian-vector products.
 
@@ -123,6 +134,10 @@ def hessian(
             or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
             of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
         resume: With ``out``, skip the blocks an interrupted run already finished.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S + S`` (``(m, n, n)`` / ``(n, n)`` flat), a leading ``B`` when batched.
@@ -139,10 +154,12 @@ def hessian(
             [0., 0., 0., 0.]])
     """
     if out is not None:
-        return _stream("hessian", f, x, out, output, batched, flat, strategy, max_memory, resume)
+        return _stream(
+            "hessian", f, x, args, kwargs, out, output, batched, flat, strategy, max_memory, resume
+        )
     request = Request(
         "hesse.hessian", "hessian", output, batched, flat, strategy, chunk_size, max_memory,
-        create_graph, progress,
+        create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -159,6 +176,8 @@ def derivatives(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Value, Jacobian and Hessian of ``f`` from one pass of Hessian-vector products.
 
@@ -176,6 +195,10 @@ def derivatives(
         max_memory: Memory budget in bytes or a string like ``"2GB"``.
         create_graph: Keep the graph so the results can be differentiated again.
         progress: Show a progress bar over the steps.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         ``(value, jacobian, hessian)`` of shapes ``Q``, ``Q + S`` and ``Q + S + S``
@@ -184,7 +207,7 @@ def derivatives(
     """
     request = Request(
         "hesse.derivatives", "derivatives", output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -202,6 +225,8 @@ def plan(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> Plan:
     """The plan of a call: strategy, steps, memory estimates and why; callable and tunable.
 
@@ -224,6 +249,10 @@ def plan(
         max_memory: As for the call.
         create_graph: As for the call.
         progress: As for the call.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         A :class:`Plan`.
@@ -238,27 +267,6 @@ def plan(
     """
     request = Request(
         f"hesse.plan({quantity})", quantity, output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return plan_of(request, f, x)
-
-
-def _stream(
-    quantity: str,
-    f: Fn,
-    x: torch.Tensor,
-    out: str | os.PathLike,
-    output: Selection,
-    batched: bool,
-    flat: bool,
-    strategy: str,
-    max_memory: Memory,
-    resume: bool,
-) -> object:
-    """``out=``: the result streamed into a file (:func:`hesse.io.compute_to`)."""
-    from .io import compute_to  # the file formats' packages load on first use
-
-    return compute_to(
-        quantity, f, x, out, output=output, batched=batched, flat=flat, max_memory=max_memory,
-        resume=resume, progress=False, strategy=strategy,
-    )  # fmt: skip

@@ -9,6 +9,7 @@ driver, and the layout the caller asked for.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -16,8 +17,12 @@ from typing import Any
 import torch
 
 from .driver import Outcome, execute, working_alternative
-from .errors import HesseError, MemoryBudgetError, StrategyError
-from .planning.choice import Declined, chunking, make_plan
+from .engine import CaptureError
+from .engine.linearity import piecewise_linear_ops
+from .errors import HesseError, MemoryBudgetError, PiecewiseLinearWarning, StrategyError
+from .planning.arguments import with_arguments
+from .planning.choice import Declined, budget_bytes, check_fits, chunking, make_plan
+from .planning.exported import adapt_exported
 from .planning.plan import Plan, Request, Tuning
 from .planning.problem import Problem, build_problem
 from .planning.scope import derivative_scope, preserved
@@ -104,6 +109,59 @@ def _after(problem: Problem, request: Request, plan: Plan, outcome: Outcome) -> 
             tuner.record(outcome.strategy, outcome.seconds)
 
 
+SECOND_ORDER = {"hessian": ("hessian", 2), "hessian_diag": ("diag", 1), "hvp": ("hvp", 1)}
+
+
+def piecewise_ops(problem: Problem, request: Request) -> tuple[str, ...] | None:
+    """The ops of a piecewise-linear model whose ``request`` is zero a.e. (None: not so).
+
+    Only for second-order quantities without ``create_graph`` (a zero result then needs
+    no graph), and only on a capture: the graph's rules decide (see
+    :mod:`hesse.engine.linearity`), once per capture.
+    """
+    if request.quantity not in (*SECOND_ORDER, "laplacian") or request.create_graph:
+        return None
+    if problem.anchor is None:
+        return None
+
+    def derive() -> tuple[str, ...] | None:
+        try:
+            return piecewise_linear_ops(problem.anchor.graph)  # type: ignore[union-attr]
+        except CaptureError:
+            return None
+
+    return problem.fact("piecewise_linear", derive)
+
+
+def _zeros(problem: Problem, request: Request, ops: tuple[str, ...]) -> torch.Tensor:
+    """Exact zeros of a piecewise-linear model's second-order quantity, with the warning.
+
+    Raises:
+        MemoryBudgetError: The result does not fit in the budget.
+    """
+    dims = _dims(request)
+    size = problem.m * problem.n**dims
+    budget = budget_bytes(problem, request)
+    check_fits(problem, request, problem.batch * size * problem.x.element_size(), 0, budget)
+    if ops:
+        warnings.warn(
+            f"{problem.api}: the result is exactly zero (almost everywhere): every "
+            f"nonlinearity between x and the output is piecewise linear ({', '.join(ops)}), "
+            "so the second derivative is zero wherever it exists; computed without running "
+            "a strategy. Use a smooth activation (Softplus, GELU, SiLU, tanh) if curvature "
+            "is needed.",
+            PiecewiseLinearWarning,
+            stacklevel=4,
+        )
+    with problem.anchor.capture.lock:  # type: ignore[union-attr]
+        problem.anchor.capture.facts[(problem.batched, _ran_key(problem, request))] = "zeros"  # type: ignore[union-attr]
+    return problem.x.new_zeros(problem.batch, size)
+
+
+def _dims(request: Request) -> int:
+    return SECOND_ORDER.get(request.quantity, ("laplacian", 0))[1]
+
+
 def _layout(problem: Problem, request: Request, outcome: Outcome) -> Any:
     """The caller's layout of the arrays (see :mod:`hesse.api` for the shapes)."""
     arrays, flat, quantity = outcome.arrays, request.flat, request.quantity
@@ -146,6 +204,8 @@ def run(
 ) -> Any:
     """Computes a request: the body of every public function and of ``Plan.__call__``."""
     check_request(request)
+    f = adapt_exported(request.api, f, x, request.batched)
+    f = with_arguments(request.api, f, request.args, request.kwargs)
     with _CALLS, derivative_scope(), preserved(f):
         problem = build_problem(
             request.api,
@@ -159,6 +219,10 @@ def run(
         flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
         if problem.batch == 0:
             return empty_result(problem, request)
+        ops = piecewise_ops(problem, request)
+        if ops is not None:
+            zeros = _zeros(problem, request, ops)
+            return finish(problem, zeros, _dims(request), request.flat)
         plan = current_plan(problem, request, pinned)
         outcome = execute(problem, plan, flat_v, request.progress)
         _after(problem, request, plan, outcome)
@@ -168,10 +232,28 @@ def run(
 def plan_of(request: Request, f: Fn, x: torch.Tensor) -> Plan:
     """The plan a call of ``request`` on ``(f, x)`` would run now; computes nothing."""
     check_request(request)
-    with _CALLS, derivative_scope(), preserved(f):
+    model = adapt_exported(request.api, f, x, request.batched)
+    model = with_arguments(request.api, model, request.args, request.kwargs)
+    with _CALLS, derivative_scope(), preserved(model):
         capture = request.strategy in ("auto", "structured")
-        problem = build_problem(request.api, f, x, request.output, request.batched, capture=capture)
-        return current_plan(problem, request)
+        problem = build_problem(
+            request.api, model, x, request.output, request.batched, capture=capture
+        )
+        plan = replace(current_plan(problem, request), model=f)  # the caller's f: the
+        # plan binds the request's arguments again when it is called
+        ops = piecewise_ops(problem, request)
+        if ops is None:
+            return plan
+        what = f"piecewise linear ({', '.join(ops)})" if ops else "linear"
+        return replace(
+            plan,
+            strategy="zeros",
+            reason=f"the model is {what} in x: the {request.quantity} is exactly zero (a.e.); "
+            "zeros of the result's shape, no strategy runs",
+            estimates=(("zeros", "no work: every op is (piecewise) linear"), *plan.estimates),
+            tuning=None,
+            ran=plan.ran,
+        )
 
 
 def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Plan:
@@ -182,8 +264,10 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
     """
     request = plan.request
     rounds = max(2, int(rounds))
-    with _CALLS, derivative_scope(), preserved(plan.model):
-        problem = build_problem(request.api, plan.model, x, request.output, request.batched)
+    model = adapt_exported(request.api, plan.model, x, request.batched)
+    model = with_arguments(request.api, model, request.args, request.kwargs)
+    with _CALLS, derivative_scope(), preserved(model):
+        problem = build_problem(request.api, model, x, request.output, request.batched)
         flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
         try:
             base = make_plan(problem, request)
@@ -203,7 +287,13 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
     best = min(times, key=lambda n: min(times[n]))
     tuned = base.with_strategy(best, chunking(problem, request, best))
     record = Tuning("settled", tuple(times.items()), best)
-    return replace(tuned, tuning=record, pinned=True, reason=f"{tuned.reason}; tuned: fastest")
+    return replace(
+        tuned,
+        model=plan.model,
+        tuning=record,
+        pinned=True,
+        reason=f"{tuned.reason}; tuned: fastest",
+    )
 
 
 QUANTITY_NAMES = tuple(QUANTITIES)

@@ -10,6 +10,7 @@ import torch
 from .front import run
 from .planning.plan import Request
 from .planning.problem import Selection
+from .streaming import stream as _stream
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Memory = int | str | None
@@ -25,6 +26,8 @@ def hvp(
     flat: bool = False,
     strategy: str = "auto",
     create_graph: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Hessian-vector product ``H(x) v`` of each selected output, without forming ``H``.
 
@@ -37,6 +40,9 @@ def hvp(
         flat: Return ``(m, n)`` (``(n,)`` for one element) instead of ``Q + S``.
         strategy: ``"auto"`` or one of :func:`hesse.available_strategies`.
         create_graph: Keep the graph so the product can be differentiated again.
+        args: Fixed extra positional arguments of ``f`` after ``x``: passed unchanged to
+            every call, not differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S``, with a leading ``B`` when batched.
@@ -45,7 +51,10 @@ def hvp(
     >>> hesse.hvp(lambda x: (x**3).sum(), torch.tensor([1.0, 2.0]), torch.ones(2))
     tensor([ 6., 12.])
     """
-    request = Request("hesse.hvp", "hvp", output, batched, flat, strategy, None, None, create_graph)
+    request = Request(
+        "hesse.hvp", "hvp", output, batched, flat, strategy, None, None, create_graph, False,
+        args, kwargs,
+    )  # fmt: skip
     return run(request, f, x, v)
 
 
@@ -63,6 +72,8 @@ def hessian_diag(
     progress: bool = False,
     out: str | os.PathLike | None = None,
     resume: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Diagonal of the Hessian, from Hessian-vector products, without storing ``H``.
 
@@ -81,17 +92,32 @@ def hessian_diag(
             or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
             of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
         resume: With ``out``, skip the blocks an interrupted run already finished.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q + S`` (the shape of ``x`` per selected output), a leading ``B`` if batched.
     """
     if out is not None:
         return _stream(
-            "hessian_diag", f, x, out, output, batched, flat, strategy, max_memory, resume
+            "hessian_diag",
+            f,
+            x,
+            args,
+            kwargs,
+            out,
+            output,
+            batched,
+            flat,
+            strategy,
+            max_memory,
+            resume,
         )
     request = Request(
         "hesse.hessian_diag", "hessian_diag", output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
 
@@ -110,6 +136,8 @@ def laplacian(
     progress: bool = False,
     out: str | os.PathLike | None = None,
     resume: bool = False,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Laplacian ``trace(H)`` of each selected output, without storing ``H``.
 
@@ -128,6 +156,10 @@ def laplacian(
             or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
             of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
         resume: With ``out``, skip the blocks an interrupted run already finished.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
+            lists, conditioning inputs): passed unchanged to every call, not
+            differentiated.
+        kwargs: Fixed keyword arguments of ``f``, passed the same way.
 
     Returns:
         Shape ``Q``: one number per selected output, with a leading ``B`` when batched.
@@ -137,30 +169,22 @@ def laplacian(
     tensor(6.)
     """
     if out is not None:
-        return _stream("laplacian", f, x, out, output, batched, flat, strategy, max_memory, resume)
+        return _stream(
+            "laplacian",
+            f,
+            x,
+            args,
+            kwargs,
+            out,
+            output,
+            batched,
+            flat,
+            strategy,
+            max_memory,
+            resume,
+        )
     request = Request(
         "hesse.laplacian", "laplacian", output, batched, flat, strategy, chunk_size,
-        max_memory, create_graph, progress,
+        max_memory, create_graph, progress, args, kwargs,
     )  # fmt: skip
     return run(request, f, x)
-
-
-def _stream(
-    quantity: str,
-    f: Fn,
-    x: torch.Tensor,
-    out: str | os.PathLike,
-    output: Selection,
-    batched: bool,
-    flat: bool,
-    strategy: str,
-    max_memory: Memory,
-    resume: bool,
-) -> object:
-    """``out=``: the result streamed into a file (:func:`hesse.io.compute_to`)."""
-    from .io import compute_to  # the file formats' packages load on first use
-
-    return compute_to(
-        quantity, f, x, out, output=output, batched=batched, flat=flat, max_memory=max_memory,
-        resume=resume, progress=False, strategy=strategy,
-    )  # fmt: skip

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import Graph
+from .rules.tuples import is_tensors
 from .tangents import find_seed
 
 
@@ -115,6 +116,13 @@ class GraphCost:
         return mode, costs[mode]
 
 
+def _numel(value: torch.Tensor | tuple) -> int:
+    """Entries of a tensor, or of a split's tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    return sum(v.numel() for v in value)
+
+
 def graph_cost(graph: Graph, inputs: tuple, x: torch.Tensor, n: int, batch: int) -> GraphCost:
     """Runs the captured graph (values only) and measures it per sample.
 
@@ -144,13 +152,15 @@ def graph_cost(graph: Graph, inputs: tuple, x: torch.Tensor, n: int, batch: int)
             out = env[step.node]
             if step.constant or not inputs:
                 continue
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            if not is_tensors(out) and not (
+                isinstance(out, torch.Tensor) and out.is_floating_point()
+            ):
                 continue
             varying.add(step.node)
-            size = sum(env[v].numel() for v in inputs) // batch  # type: ignore[union-attr]
-            total_size += out.numel() // batch
-            max_size = max(max_size, out.numel() // batch, size)
-            same_shape = env[inputs[0]].shape == out.shape  # type: ignore[union-attr]
+            size = sum(_numel(env[v]) for v in inputs) // batch
+            total_size += _numel(out) // batch
+            max_size = max(max_size, _numel(out) // batch, size)
+            same_shape = getattr(env[inputs[0]], "shape", None) == getattr(out, "shape", None)
             kind, exact = step.rule.cost_kind(len(inputs), same_shape)
             {"term": terms, "generic": generic}.get(kind, []).append(size)  # type: ignore[arg-type]
             taylor &= exact

@@ -9,7 +9,8 @@ guarded by TorchDynamo, which captures again when it changes.
 
 Before the engine uses it, the graph is made functional:
 
-- in-place ops (``relu_``, ``x += y``, ``inplace=True``) become their out-of-place forms,
+- in-place ops (``relu_``, ``x += y``, ``inplace=True`` by keyword or by position, as
+  ``nn.Hardswish(inplace=True)`` passes it) become their out-of-place forms,
   and later readers of the mutated value read the new node: the caller's buffers are
   never written;
 - values computed under ``torch.no_grad()`` and ``.detach()`` are constants (no tangent);
@@ -20,6 +21,7 @@ Before the engine uses it, the graph is made functional:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from .rules import Rule, lookup
+from .rules.affine import ConvRule, LinearRule
 
 
 class CaptureError(Exception):
@@ -153,6 +156,8 @@ def _functionalise(gm: fx.GraphModule) -> None:
         mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if node.kwargs.get("inplace") is True:
             node.kwargs = {**node.kwargs, "inplace": False}
+        elif (at := _inplace_position(node)) is not None:  # F.hardswish(x, True), ...
+            node.args = (*node.args[:at], False, *node.args[at + 1 :])
         elif node.op == "call_method" and name.endswith("_") and not name.startswith("_"):
             if not hasattr(torch.Tensor, name[:-1]):
                 raise CaptureError(f"in-place method {name} has no out-of-place form")
@@ -166,6 +171,18 @@ def _functionalise(gm: fx.GraphModule) -> None:
             alias[mutated] = node
     gm.graph.lint()
     gm.recompile()
+
+
+def _inplace_position(node: fx.Node) -> int | None:
+    """Where a call passes ``inplace=True`` positionally (``nn.Hardswish``, ``nn.ELU``, ...)."""
+    if node.op != "call_function" or not callable(node.target):
+        return None
+    try:
+        params = list(inspect.signature(node.target).parameters)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    at = params.index("inplace") if "inplace" in params else -1
+    return at if 0 <= at < len(node.args) and node.args[at] is True else None
 
 
 def _check_not_aliased(mutated: fx.Node, at: fx.Node, order: dict[fx.Node, int]) -> None:
@@ -245,4 +262,28 @@ def build_graph(gm: fx.GraphModule, x_position: int) -> Graph:
     if first is None:
         raise CaptureError("the model's output does not depend on the graph")
     x_node = placeholders[x_position] if reads_input else None
+    if x_node is not None:
+        steps = _weights_from_input(steps, x_node)
     return Graph(gm, tuple(steps), placeholders, x_node, first, constants, tuple(results))
+
+
+def _weights_from_input(steps: list[Step], x_node: fx.Node) -> list[Step]:
+    """Affine rules for constant weights only: ``F.linear(a, W(x))`` gets the generic rule.
+
+    A weight computed from the input makes the op bilinear, with a second-order term.
+    """
+    depends = {x_node}
+    out = []
+    for step in steps:
+        node = step.node
+        if any(a in depends for a in node.all_input_nodes) and not step.constant:
+            depends.add(node)
+        if isinstance(step.rule, LinearRule | ConvRule):
+            rest = [
+                a for a in node.all_input_nodes if a is not (node.args[0] if node.args else None)
+            ]
+            if any(a in depends for a in rest):
+                rule = Rule()
+                step = dataclasses.replace(step, rule=rule, label=_label(node, rule))
+        out.append(step)
+    return out

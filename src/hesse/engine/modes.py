@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .graph import Graph
 from .rules.base import NoTaylorRule
+from .rules.tuples import accumulate
 from .tangents import Record, Seed, find_seed, forward
 
 
@@ -42,7 +43,7 @@ def _sweep(records: list[Record], grads: dict, start, d: int, batch: int, like) 
             parts.append(curv)
         for part in parts:
             for node, value in zip(record.inputs, part, strict=True):
-                gdot[node] = value if node not in gdot else gdot[node] + value
+                gdot[node] = accumulate(gdot.get(node), value)
     if start not in gdot:
         return like.new_zeros((batch, d, d))
     return gdot[start].reshape(d, batch, -1).transpose(0, 1)

@@ -25,6 +25,7 @@ from .graph import CaptureError, Graph, Step
 from .rules import Site
 from .rules.affine import LinearRule
 from .rules.base import Pairs
+from .rules.tuples import SplitRule, is_tensors
 
 RESHAPES = {"flatten", "view", "reshape", "contiguous", "identity"}
 
@@ -96,9 +97,11 @@ def _inputs(step: Step, env: dict, tangents: dict):
 
 
 def _check_tensor_output(step: Step, out: object) -> None:
-    """A varying op must return one tensor (or a shape); anything else loses derivatives."""
+    """A varying op must return one tensor (or a shape, or a split's tensors)."""
     name = getattr(step.call, "__name__", "")
     if isinstance(out, torch.Tensor) or name in SHAPE_QUERIES:
+        return
+    if isinstance(step.rule, SplitRule) and is_tensors(out):
         return
     raise CaptureError(f"op {step.label} returns {type(out).__name__}, not one tensor")
 
@@ -112,8 +115,9 @@ def _site(step: Step, values: list, spec, varying: list[int], tangents: list, ou
         return step.call(*args, **kwargs)
 
     inputs = tuple(values[i] for i in varying)
-    extra = len(values) - len(varying)
-    return Site(fn, inputs, tuple(tangents), output, step.call, extra, tuple(varying))
+    chosen = set(varying)
+    extras = tuple(v for i, v in enumerate(values) if i not in chosen)
+    return Site(fn, inputs, tuple(tangents), output, step.call, len(extras), extras, tuple(varying))
 
 
 def _identity_tangent(d: int, like: torch.Tensor) -> torch.Tensor:
@@ -225,7 +229,7 @@ def forward(
         if not varying or step.node not in needed or step.constant:
             continue
         _check_tensor_output(step, out)
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        if not is_tensors(out) and not (isinstance(out, torch.Tensor) and out.is_floating_point()):
             continue  # shapes and integer results (argmax, indices) carry no derivative
         site = _site(step, values, spec, varying, inputs_t, out)
         site.identity = len(input_nodes) == 1 and input_nodes[0] in identity
@@ -269,6 +273,8 @@ def _push(step: Step, site: Site) -> torch.Tensor:
     try:
         return step.rule.tangent(site)
     except RuntimeError:
+        if not all(isinstance(t, torch.Tensor) for t in site.tangents):
+            raise
         if all(t.is_contiguous() for t in site.tangents):
             raise
         site.tangents = tuple(t.contiguous() for t in site.tangents)

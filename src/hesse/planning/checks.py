@@ -37,6 +37,7 @@ PIECEWISE_LINEAR_OPS = (
     "prelu",
     "hardshrink",
     "softshrink",
+    "hardsigmoid",
 )
 
 

@@ -177,7 +177,7 @@ def chunking(problem: Problem, request: Request, name: str) -> Chunking:
         per_item = per_row
     else:
         graph, per_item = 0, int(strategy.memory_factor * max(problem.saved_bytes, 1)) + per_row
-    _check_fits(problem, request, result, graph + per_item, budget)
+    check_fits(problem, request, result, graph + per_item, budget)
     if request.chunk_size is not None:
         units, why = request.chunk_size, f"chunk_size={request.chunk_size}"
     else:
@@ -207,9 +207,12 @@ def chunking(problem: Problem, request: Request, name: str) -> Chunking:
     )
 
 
-def _check_fits(
-    problem: Problem, request: Request, result: int, per_item: int, budget: int
-) -> None:
+def check_fits(problem: Problem, request: Request, result: int, per_item: int, budget: int) -> None:
+    """Checks that the result and one item's working set fit in the budget.
+
+    Raises:
+        MemoryBudgetError: They do not.
+    """
     source = "max_memory" if request.max_memory is not None else "half of the free memory"
     if result + per_item > budget:
         raise MemoryBudgetError(

@@ -45,6 +45,8 @@ class Request:
         max_memory: The budget as given.
         create_graph: Keep the result differentiable.
         progress: Show a progress bar.
+        args: Fixed extra positional arguments of ``f`` after ``x`` (not differentiated).
+        kwargs: Fixed keyword arguments of ``f``.
     """
 
     api: str
@@ -57,6 +59,8 @@ class Request:
     max_memory: int | float | str | None = None
     create_graph: bool = False
     progress: bool = False
+    args: Any = field(default=(), compare=False, repr=False)
+    kwargs: Any = field(default=None, compare=False, repr=False)
 
     def key(self, index: torch.Tensor | None) -> tuple:
         """What identifies a repeated request on one capture (tuning is kept per key)."""

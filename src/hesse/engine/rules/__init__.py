@@ -15,8 +15,9 @@ from .affine import ConvRule, LinearRule
 from .base import Rule, Site
 from .bilinear import BilinearRule
 from .elementwise import ElementwiseRule, PiecewiseLinearRule
+from .tuples import ItemRule, SplitRule
 
-__all__ = ["RULES", "Rule", "Site", "lookup", "register_rule"]
+__all__ = ["PIECEWISE_QUADRATIC", "RULES", "TUPLE_OPS", "Rule", "Site", "lookup", "register_rule"]
 
 
 class _Linear(Rule):
@@ -35,15 +36,22 @@ SMOOTH_ELEMENTWISE = (
     "reciprocal", "softsign", "logsigmoid", "tanhshrink", "erf", "sinh", "cosh", "atan",
     "asinh",
 )
-PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu", "hardtanh", "threshold", "abs")
+# C^1, piecewise quadratic: phi'' is a step (closed forms; torch has no double backward)
+PIECEWISE_QUADRATIC = ("hardswish",)
+PIECEWISE_LINEAR = (
+    "relu", "relu6", "leaky_relu", "hardtanh", "threshold", "abs", "hardsigmoid",
+)
 LINEAR_OPS = (
     "add", "sub", "neg", "iadd", "isub", "view", "reshape", "flatten", "unflatten",
-    "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze", "getitem", "cat",
+    "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze", "cat",
     "stack", "sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pad", "dropout", "identity", "max_pool1d",
     "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "expand", "repeat", "flip", "roll",
     "narrow", "select", "movedim", "float", "double", "to", "clone",
 )
+# Tuple-valued splits (linear), and indexing into tuples or tensors
+SPLIT_OPS = ("chunk", "split", "unbind", "tensor_split")
+TUPLE_OPS = (*SPLIT_OPS, "getitem")
 # Linear in each argument: no term when only one argument varies (mul by a constant).
 BILINEAR_OPS = ("mul", "matmul", "mm", "bmm", "einsum", "outer", "imul")
 # Linear in the numerator only.
@@ -72,6 +80,8 @@ def register_rule(key: str, factory: Callable[..., Rule], *, overwrite: bool = F
 
 for _name in SMOOTH_ELEMENTWISE:
     register_rule(_name, lambda node, name=_name: ElementwiseRule(name))
+for _name in PIECEWISE_QUADRATIC:
+    register_rule(_name, lambda node, name=_name: ElementwiseRule(name))
 for _name in PIECEWISE_LINEAR:
     register_rule(_name, lambda node, name=_name: PiecewiseLinearRule(name))
 for _name in LINEAR_OPS:
@@ -80,6 +90,9 @@ for _name in BILINEAR_OPS:
     register_rule(_name, lambda node, name=_name: BilinearRule(name))
 for _name in DIVISION_OPS:
     register_rule(_name, lambda node, name=_name: BilinearRule(name, linear_positions=(0,)))
+for _name in SPLIT_OPS:
+    register_rule(_name, lambda node, name=_name: SplitRule(name))
+register_rule("getitem", lambda node: ItemRule())
 register_rule("linear", LinearRule)
 for _conv in ("conv1d", "conv2d", "conv3d"):
     register_rule(_conv, ConvRule)

@@ -38,6 +38,7 @@ class Site:
         output: The op's output value.
         call: The module or function the node calls.
         extra_args: How many arguments besides the varying inputs the call received.
+        extras: Those arguments' values (options such as ``inplace``, constants).
         positions: Where the varying inputs sit among the call's arguments.
         state: Whatever the rule kept from :meth:`Rule.tangent` for :meth:`Rule.term`.
         identity: Whether the only tangent is the identity seed (``d`` = the last axis).
@@ -49,6 +50,7 @@ class Site:
     output: torch.Tensor
     call: Any = None
     extra_args: int = 0
+    extras: tuple[Any, ...] = ()
     positions: tuple[int, ...] = ()
     state: Any = None
     identity: bool = False

@@ -7,7 +7,8 @@ rather than forward mode because some activations, e.g. SiLU, have no forward-mo
 for their backward), which
 honours every module option (Softplus' beta and threshold, ELU's alpha, GELU's
 approximation), so registering a new elementwise op costs one line. Piecewise-linear
-ops (ReLU, LeakyReLU, Hardtanh, ...) have ``phi'' = 0`` and skip the term.
+ops (ReLU, LeakyReLU, Hardtanh, Hardsigmoid, ...) have ``phi'' = 0`` and skip the term.
+Ops without a double backward in torch (Hardswish, Hardsigmoid) need a closed form.
 """
 
 from __future__ import annotations
@@ -50,9 +51,24 @@ def _cos(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Te
     return -torch.sin(a), -y
 
 
+def _hardswish(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    # x (x + 3) / 6 on [-3, 3], 0 below, x above: piecewise quadratic, phi'' = 1/3 inside.
+    # The masks are those of torch's hardswish_backward (phi' = x / 3 + 1/2 on [-3, 3]).
+    inside = (a >= -3) & (a <= 3)
+    d1 = torch.where(inside, a / 3 + 0.5, (a > 3).to(a.dtype))
+    return d1, inside.to(a.dtype) / 3
+
+
+def _hardsigmoid(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+    # clamp(x + 3, 0, 6) / 6: slope 1/6 on (-3, 3) (torch's hardsigmoid_backward), no curvature
+    inside = ((a > -3) & (a < 3)).to(a.dtype)
+    return inside / 6, torch.zeros_like(a)
+
+
 # Closed forms ``(a, y, call) -> (phi'(a), phi''(a))`` for the commonest activations; the
 # call is the module or function (for options such as Softplus' beta). Ops with options
 # that change the formula are only listed here for the module types that expose them.
+# Hardswish and Hardsigmoid need theirs: torch has no double backward for them.
 CLOSED_FORMS = {
     "tanh": _tanh,
     "sigmoid": _sigmoid,
@@ -60,6 +76,8 @@ CLOSED_FORMS = {
     "exp": _exp,
     "sin": _sin,
     "cos": _cos,
+    "hardswish": _hardswish,
+    "hardsigmoid": _hardsigmoid,
 }
 
 
@@ -95,8 +113,13 @@ class ElementwiseRule(Rule):
         return ("term" if self.curvature_on else None), inputs == 1 and same_shape
 
     def call_is_plain(self, site: Site) -> bool:
-        """Whether the closed form applies: a module, or a function of ``a`` alone."""
-        return isinstance(site.call, torch.nn.Module) or site.extra_args == 0
+        """Whether the closed form applies: a module, or a function of ``a`` alone.
+
+        Flags (``inplace=False``, as ``nn.Hardswish`` passes it) do not change the formula.
+        """
+        if isinstance(site.call, torch.nn.Module) or site.extra_args == 0:
+            return True
+        return bool(site.extras) and all(isinstance(v, bool) for v in site.extras)
 
     def term(self, site: Site, g: torch.Tensor, batch: int, diag: bool) -> torch.Tensor | None:
         """``J^T diag(g phi'') J`` per sample, or its diagonal."""
