@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import hesse
 from hesse import cli, errors
 from io_models import mlp
 
@@ -292,3 +293,35 @@ def test_unwritable_output_folder(files: Path, capsys: pytest.CaptureFixture[str
     assert code == CODE[errors.OutputWriteError], err
     _one_line(err)
     assert (files / "file.txt").read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_compute_eigs(files: Path, capsys: pytest.CaptureFixture[str], suffix: str) -> None:
+    """``--quantity eigs`` writes the top eigenpairs of each sample's logit Hessian."""
+    out = files / f"eigs{suffix}"
+    code, err = _run(
+        capsys, "compute", "io_models:mlp", files / "x.npy", "--weights", files / "w.safetensors",
+        "--quantity", "eigs", "--k", "2", "--batched", "--output", "0", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    if suffix == ".npz":
+        got = dict(np.load(out))
+    else:
+        from safetensors.numpy import load_file as load
+
+        got = load(str(out))
+    from safetensors.torch import load_file as load_weights
+
+    model = mlp()
+    model.load_state_dict(load_weights(str(files / "w.safetensors")))
+    x = torch.from_numpy(np.load(files / "x.npy"))
+    h = hesse.hessian(model.double(), x.double(), batched=True, output=0, flat=True)
+    want = torch.linalg.eigvalsh(h)[:, -2:]
+    np.testing.assert_allclose(np.sort(got["values"], axis=-1), want.numpy(), rtol=1e-4, atol=1e-6)
+    assert got["vectors"].shape == (5, 2, 6) and got["residuals"].shape == (5, 2)
+    code, err = _run(
+        capsys, "compute", "io_models:mlp", files / "x.npy", "--weights", files / "w.safetensors",
+        "--quantity", "eigs", "--batched", "--output", "0", "--out", out,
+    )  # fmt: skip
+    assert code != 0 and "exists" in err
+    _one_line(err)
