@@ -8,7 +8,6 @@ driver, and the layout the caller asked for.
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,7 +24,7 @@ from .planning.choice import Declined, budget_bytes, check_fits, chunking, make_
 from .planning.exported import adapt_exported
 from .planning.plan import Plan, Request, Tuning
 from .planning.problem import Problem, build_problem
-from .planning.scope import derivative_scope, preserved
+from .planning.scope import CALLS, derivative_scope, preserved
 from .planning.tuning import tuner_for
 from .quantities import QUANTITIES, forward_jacobian
 from .results import check_request, direction, empty_result, finish, warn_zero
@@ -33,9 +32,7 @@ from .settings import settings
 from .strategies import get_strategy
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
-# torch.func's transforms keep their levels process-wide (forward-mode AD from two threads
-# at once fails or mixes), so hesse's calls run one at a time; reentrant for nested calls.
-_CALLS = threading.RLock()
+_CALLS = CALLS  # see hesse.planning.scope
 
 
 def _tuner(problem: Problem, request: Request, plan: Plan):

@@ -29,6 +29,7 @@ from torch.func import jvp, vjp, vmap
 
 from .errors import FallbackWarning, NonFiniteError, UnsupportedInputError
 from .planning.problem import Problem, Selection, build_problem
+from .planning.scope import serialised
 from .results import check_options, warn_zero
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -187,6 +188,7 @@ def _finish(problem: Problem, result: torch.Tensor, create_graph: bool) -> torch
 # ------------------------------------- public API -------------------------------------
 
 
+@serialised
 def second_order_operator(
     f: Fn,
     x: torch.Tensor,
@@ -304,6 +306,7 @@ def _eigen_directions(c: torch.Tensor, per: bool) -> tuple[torch.Tensor, torch.T
     return dirs[keep], lam[keep]
 
 
+@serialised
 def mixed_partials(
     f: Fn,
     x: torch.Tensor,

@@ -17,6 +17,7 @@ from torch.func import jvp, vmap
 
 from ..errors import ConvergenceWarning, StrategyError, UnsupportedInputError
 from ..planning.problem import Problem, Selection, build_problem
+from ..planning.scope import serialised
 from ..reduced import hessian_diag, laplacian
 from ._stats import Estimate, check_budget
 from .lanczos import random_start
@@ -107,6 +108,7 @@ def _run(
     return _finish(value, stderr, matvecs, samples, batched, method)
 
 
+@serialised
 def trace_estimate(
     f: Fn,
     x: torch.Tensor,
@@ -157,6 +159,7 @@ def trace_estimate(
     )  # fmt: skip
 
 
+@serialised
 def diag_estimate(
     f: Fn,
     x: torch.Tensor,
@@ -216,6 +219,7 @@ def _directions(
     return S.shape[-1], lambda z: torch.einsum("bnr,kbr->kbn", S, z)
 
 
+@serialised
 def laplacian_estimate(
     f: Fn,
     x: torch.Tensor,

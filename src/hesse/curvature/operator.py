@@ -18,6 +18,7 @@ from torch.func import grad, vjp, vmap
 
 from ..errors import FallbackWarning, NonFiniteError, OutputSelectionError, UnsupportedInputError
 from ..planning.problem import Problem, Selection, build_problem
+from ..planning.scope import CALLS
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Hvps = Callable[[torch.Tensor], torch.Tensor]
@@ -178,8 +179,9 @@ class HessianOperator:
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Unchecked batched products: ``(B, n, k)`` to ``(B, n, k)`` (``B = 1`` unbatched)."""
-        self.matvecs += V.shape[-1]
-        return self._hvps(V.permute(2, 0, 1)).permute(1, 2, 0)
+        with CALLS:  # torch.func's levels are process-wide: one hesse call at a time
+            self.matvecs += V.shape[-1]
+            return self._hvps(V.permute(2, 0, 1)).permute(1, 2, 0)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v``: ``(n,)`` to ``(n,)``, or ``(B, n)`` to ``(B, n)`` when batched."""

@@ -17,13 +17,17 @@ Every public call runs its work inside :func:`derivative_scope`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+# torch.func's transforms keep their levels process-wide (forward-mode AD from two threads
+# at once fails or mixes), so hesse's calls run one at a time; reentrant for nested calls.
+CALLS = threading.RLock()
 _LOCK = threading.Lock()
 _ACTIVE = 0
 _RESTORE: list[Callable[[], None]] = []
@@ -124,3 +128,17 @@ def preserved(f: Callable[..., Any]) -> Iterator[None]:
         yield
     finally:
         _restore(state)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def serialised(fn: F) -> F:
+    """Runs a public function under :data:`CALLS` (one hesse call at a time)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with CALLS:
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
