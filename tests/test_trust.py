@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import hesse
 from trust_cases import (
@@ -187,3 +188,13 @@ def test_coupling_probe_not_shared_between_outputs(strategy: str, before: int) -
 def test_strategies_listed() -> None:
     """The suite covers every registered strategy."""
     assert set(STRATEGIES) <= set(hesse.available_strategies())
+
+
+def test_lazy_modules_initialise_and_stay_consistent() -> None:
+    """A lazy layer's first forward inside hesse initialises it for good (not undone)."""
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(3)
+    got = hesse.hessian(model, x, output=0)
+    assert type(model[0]) is nn.Linear and model[0].in_features == 3
+    want = torch.autograd.functional.hessian(lambda z: model(z)[0], x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

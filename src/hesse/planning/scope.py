@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 # torch.func's transforms keep their levels process-wide (forward-mode AD from two threads
 # at once fails or mixes), so hesse's calls run one at a time; reentrant for nested calls.
@@ -87,6 +88,8 @@ def _plain(value: Any) -> bool:
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:
     state = []
     for module in model.modules():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            continue  # its first forward initialises it: that change is meant to stay
         attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and _plain(v)}
         buffers = {
             k: (b, b._version, b.detach().clone())
