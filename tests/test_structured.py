@@ -804,3 +804,26 @@ def test_affine_layer_with_a_weight_computed_from_x(op: str) -> None:
         if key == "hessian":
             out = _pass(f, x, 1, frozenset({key}), mode)[key][0]
             torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12, msg=mode)
+
+
+def test_plan_says_how_the_engine_runs_the_request() -> None:
+    """Interpreted for the first calls, then a derivative program; compiled only on request."""
+    from hesse.strategies.structured import PROGRAM_AFTER
+
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 7), nn.Softplus(), nn.Linear(7, 1)).to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    kw = {"batched": True, "strategy": "structured"}
+    notes = []
+    for _ in range(PROGRAM_AFTER + 2):
+        notes.append(hesse.plan(model, x, "laplacian", **kw).program)
+        hesse.laplacian(model, x, **kw)
+    assert (
+        notes[0]
+        == f"interpreted for {PROGRAM_AFTER} more call(s), then a derivative program (not compiled)"
+    )
+    assert notes[-1].startswith("derivative program of ") and notes[-1].endswith("(not compiled)")
+    with hesse.settings(compile=True):
+        compiled = hesse.plan(model, x, "laplacian", **kw).program
+    assert compiled.endswith("(compiled whole (settings(compile=True)))")
+    assert "program" in str(hesse.plan(model, x, "laplacian", **kw))

@@ -30,6 +30,7 @@ from .quantities import QUANTITIES, forward_jacobian
 from .results import check_request, direction, empty_result, finish, warn_zero
 from .settings import settings
 from .strategies import get_strategy
+from .strategies.structured import program_note
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 _CALLS = CALLS  # see hesse.planning.scope
@@ -89,7 +90,8 @@ def current_plan(problem: Problem, request: Request, pinned: Plan | None = None)
             plan = replace(plan, reason=plan.reason.replace("the cheapest candidate", "tuning"))
         plan = replace(plan, tuning=record)
     ran = problem.fact(_ran_key(problem, request), lambda: None) if anchor else None
-    return replace(plan, ran=ran)
+    program = program_note(problem, request.quantity) if plan.strategy == "structured" else None
+    return replace(plan, ran=ran, program=program or None)
 
 
 def _after(problem: Problem, request: Request, plan: Plan, outcome: Outcome) -> None:

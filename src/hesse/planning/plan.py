@@ -155,6 +155,8 @@ class Plan:
         pinned: Calls run :attr:`strategy` (``tune`` returns pinned plans) rather than
             the online choice of ``"auto"``.
         ran: The strategy the last call of this request ran, if any.
+        program: How the structured engine runs the request (interpreted, or as a
+            derivative program, compiled or not), when it is the strategy.
         anchor: The capture it was derived from (internal).
     """
 
@@ -175,6 +177,7 @@ class Plan:
     tuning: Tuning | None = None
     pinned: bool = False
     ran: str | None = None
+    program: str | None = None
     anchor: Capture | None = field(default=None, repr=False, compare=False)
 
     # the block schedule, flat (for printing and for the driver)
@@ -285,5 +288,7 @@ class Plan:
         rows += [(f"  {name}", note) for name, note in self.estimates]
         if self.tuning is not None:
             rows.append(("tuning", str(self.tuning)))
+        if self.program:
+            rows.append(("program", self.program))
         width = max(len(k) for k, _ in rows)
         return "hesse plan\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -73,9 +73,7 @@ def _program(problem: Problem, bound: Bound, x: torch.Tensor, args: tuple) -> Pr
     """
     _, _, index, want, mode = args
     compile_ = settings.current().compile
-    selected = None if index is None else tuple(index.tolist())
-    key = ("program", problem.batched, tuple(x.shape), x.dtype, tuple(sorted(want)), selected)
-    key = (*key, mode, compile_)
+    key = _program_key(problem, x, want, index, mode, compile_)
     if bound.capture.count(("calls", *key)) <= PROGRAM_AFTER:
         return None
 
@@ -86,6 +84,43 @@ def _program(problem: Problem, bound: Bound, x: torch.Tensor, args: tuple) -> Pr
             return None
 
     return bound.capture.fact(key, derive)
+
+
+def _program_key(
+    problem: Problem,
+    x: torch.Tensor,
+    want: frozenset[str],
+    index: torch.Tensor | None,
+    mode: str,
+    compile_: bool,
+) -> tuple:
+    selected = None if index is None else tuple(index.tolist())
+    key = ("program", problem.batched, tuple(x.shape), x.dtype, tuple(sorted(want)), selected)
+    return (*key, mode, compile_)
+
+
+def program_note(problem: Problem, quantity: str) -> str:
+    """How the engine runs this request now: interpreted, or as a (compiled) program."""
+    if problem.anchor is None or isinstance(problem.anchor.capture.graph, CaptureError):
+        return ""
+    mode, _ = cost(problem).best(quantity, problem.m)
+    compile_ = settings.current().compile
+    key = _program_key(problem, problem.x, WANTS[quantity], problem.index, mode, compile_)
+    capture = problem.anchor.capture
+    with capture.lock:
+        calls, emitted, program = (
+            capture.facts.get(("calls", *key), 0),
+            key in capture.facts,
+            capture.facts.get(key),
+        )
+    if emitted and program is None:
+        return "interpreted (tracing the derivative program failed)"
+    if emitted:
+        how = "compiled whole by torch.compile" if program.compiled else "not compiled"
+        return f"derivative program of {program.nodes} ATen ops ({how})"
+    left = max(0, PROGRAM_AFTER - calls)
+    then = "compiled whole (settings(compile=True))" if compile_ else "not compiled"
+    return f"interpreted for {left} more call(s), then a derivative program ({then})"
 
 
 class Structured:
