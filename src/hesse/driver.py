@@ -12,9 +12,7 @@ the model on its first sample. No internal exception leaves the driver.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,61 +27,13 @@ from .errors import (
     UnsupportedModelError,
 )
 from .io import TensorSink
-from .planning.choice import chunking, failure_key, make_plan
+from .planning.choice import chunking, make_plan
+from .planning.failures import failure_key, first_warning, known_failure, remember_failure
 from .planning.plan import Plan, Request
 from .planning.problem import Problem
 from .planning.tuning import clock
 from .quantities import QUANTITIES, Work
 from .strategies import Strategy, get_strategy
-
-# Failures of strategies on models TorchDynamo could not capture (there is no capture to
-# keep them on): they only decide which strategy runs first, never a result.
-_UNCAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_UNCAPTURED_LOCK = threading.Lock()
-
-
-def remember_failure(problem: Problem, key: tuple, reason: str) -> bool:
-    """Remembers that a strategy failed on this model; True if it is news."""
-    if problem.anchor is not None:
-        capture = problem.anchor.capture
-        with capture.lock:
-            new = not capture.facts.get((problem.batched, key))
-            capture.facts[(problem.batched, key)] = reason
-        return new
-    with _UNCAPTURED_LOCK:
-        try:
-            known = _UNCAPTURED.setdefault(problem.model, {})
-        except TypeError:  # not weak-referenceable
-            return True
-        new = key not in known
-        known[key] = reason
-    return new
-
-
-_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def first_warning(problem: Problem, failures: tuple[str, ...]) -> bool:
-    """Whether this model object has not been warned of these failures yet."""
-    with _UNCAPTURED_LOCK:
-        try:
-            seen = _WARNED.setdefault(problem.model, set())
-        except TypeError:  # not weak-referenceable: warn every time
-            return True
-        new = failures not in seen
-        seen.add(failures)
-    return new
-
-
-def known_failure(problem: Problem, key: tuple) -> str:
-    """Why a strategy failed on this model before (``""``: it did not)."""
-    if problem.anchor is not None:
-        return problem.fact(key, str)
-    with _UNCAPTURED_LOCK:
-        try:
-            return _UNCAPTURED.get(problem.model, {}).get(key, "")
-        except TypeError:
-            return ""
 
 
 def _probe_modes_agree(problem: Problem) -> bool:
@@ -270,8 +220,9 @@ def execute(
     failures = [f"'{name}' ({why})" for name, why in plan.failed]
     for name in plan.candidates:
         key = failure_key(name, plan.quantity, plan.request.create_graph)
-        if not explicit and known_failure(problem, key):
-            failures.append(f"'{name}' ({known_failure(problem, key)})")
+        earlier = "" if explicit else known_failure(problem, key)
+        if earlier:
+            failures.append(f"'{name}' ({earlier})")
             continue
         try:
             outcome = _run_one(problem, plan, name, v, progress)

@@ -26,14 +26,13 @@ from .planning.plan import Plan, Request, Tuning
 from .planning.problem import Problem, build_problem
 from .planning.scope import CALLS, derivative_scope, preserved
 from .planning.tuning import tuner_for
-from .quantities import QUANTITIES, forward_jacobian
+from .quantities import forward_jacobian
 from .results import check_request, direction, empty_result, finish, warn_zero
 from .settings import settings
 from .strategies import get_strategy
 from .strategies.structured import program_note
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
-_CALLS = CALLS  # see hesse.planning.scope
 
 
 def _tuner(problem: Problem, request: Request, plan: Plan):
@@ -205,7 +204,7 @@ def run(
     check_request(request)
     f = adapt_exported(request.api, f, x, request.batched)
     f = with_arguments(request.api, f, request.args, request.kwargs)
-    with _CALLS, derivative_scope(), preserved(f):
+    with CALLS, derivative_scope(), preserved(f):
         problem = build_problem(
             request.api,
             f,
@@ -233,7 +232,7 @@ def plan_of(request: Request, f: Fn, x: torch.Tensor) -> Plan:
     check_request(request)
     model = adapt_exported(request.api, f, x, request.batched)
     model = with_arguments(request.api, model, request.args, request.kwargs)
-    with _CALLS, derivative_scope(), preserved(model):
+    with CALLS, derivative_scope(), preserved(model):
         capture = request.strategy in ("auto", "structured")
         problem = build_problem(
             request.api, model, x, request.output, request.batched, capture=capture
@@ -265,7 +264,7 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
     rounds = max(2, int(rounds))
     model = adapt_exported(request.api, plan.model, x, request.batched)
     model = with_arguments(request.api, model, request.args, request.kwargs)
-    with _CALLS, derivative_scope(), preserved(model):
+    with CALLS, derivative_scope(), preserved(model):
         problem = build_problem(request.api, model, x, request.output, request.batched)
         flat_v = direction(request.api, v, x, problem.x) if request.quantity == "hvp" else None
         try:
@@ -293,6 +292,3 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
         pinned=True,
         reason=f"{tuned.reason}; tuned: fastest",
     )
-
-
-QUANTITY_NAMES = tuple(QUANTITIES)

@@ -17,8 +17,7 @@ from .errors import (
 )
 from .planning.plan import Request
 from .planning.problem import Problem
-
-QUANTITY_NAMES = ("jacobian", "hessian", "hessian_diag", "laplacian", "hvp", "derivatives")
+from .quantities import QUANTITIES
 
 
 def check_request(request: Request) -> None:
@@ -27,10 +26,10 @@ def check_request(request: Request) -> None:
     Raises:
         UnsupportedInputError: An option of the wrong type or out of range.
     """
-    if request.quantity not in QUANTITY_NAMES:
+    if request.quantity not in QUANTITIES:
         raise UnsupportedInputError(
             f"{request.api}: unknown quantity {request.quantity!r}; expected one of "
-            f"{', '.join(map(repr, QUANTITY_NAMES))}."
+            f"{', '.join(map(repr, QUANTITIES))}."
         )
     check_options(
         request.api,

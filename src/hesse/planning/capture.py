@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..engine.graph import CaptureError, Graph, build_graph
 
@@ -213,8 +212,3 @@ def try_capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> B
         return capture(f, x)
     except CaptureError as exc:
         return str(exc)
-
-
-def is_module(f: object) -> bool:
-    """Whether ``f`` is an ``nn.Module`` (its state is what guards watch)."""
-    return isinstance(f, nn.Module)

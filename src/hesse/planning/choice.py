@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..errors import MemoryBudgetError, StrategyError
 from ..quantities import QUANTITIES
 from ..strategies import Strategy, get_strategy
+from .failures import failure_key, known_failure
 from .memory import available_bytes, format_bytes, parse_bytes
 from .plan import Chunking, Plan, Request
 from .problem import Problem
@@ -54,11 +55,6 @@ class Declined(Exception):
         self.reason, self.memory, self.failed = reason, memory, failed
 
 
-def failure_key(name: str, quantity: str, create_graph: bool) -> tuple:
-    """The fact under which a strategy's failure on a model is remembered."""
-    return ("failed", name, quantity, create_graph)
-
-
 def _declines(st: Strategy, problem: Problem, request: Request) -> Declined | None:
     """Why a strategy declines the request up front (``None``: it accepts)."""
     if request.create_graph and not st.capabilities.differentiable:
@@ -75,7 +71,7 @@ def _declines(st: Strategy, problem: Problem, request: Request) -> Declined | No
     reason = st.unsupported(problem, request.quantity, request.create_graph)
     if reason is not None:
         return Declined(reason)
-    failed = problem.fact(failure_key(st.name, request.quantity, request.create_graph), str)
+    failed = known_failure(problem, failure_key(st.name, request.quantity, request.create_graph))
     if failed:
         return Declined(f"failed on this model before ({failed})", failed=failed)
     too_big = _too_big(st, problem, request)
