@@ -26,11 +26,12 @@ def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_repeated_calls_settle_on_a_timed_candidate(model: nn.Module) -> None:
     x = torch.randn(32, 3, dtype=DT)
     want = _reference(model, x)
-    rounds = _tuning.MAX_CANDIDATES * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
-    for _ in range(rounds * (1 + _tuning.MAX_RETUNES)):  # room for one re-timing
+    for _ in range(64):  # room for one re-timing, and for pauses of the 20% rule
         got = hesse.hessian(model, x, batched=True, output=0)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # every call is exact
-    plan = hesse.plan(model, x, "hessian", batched=True, output=0)
+        plan = hesse.plan(model, x, "hessian", batched=True, output=0)
+        if plan.tuning is not None and not plan.tuning.pending:
+            break
     assert plan.tuning is not None and plan.tuning.state == "settled"
     assert str(plan.tuning).startswith("settled on ")
     assert plan.strategy == plan.tuning.best
@@ -85,7 +86,7 @@ def test_a_choice_slower_than_timed_is_timed_again_once() -> None:
         tuner.record("b", t)
     assert not tuner.settled and tuner.retunes == 1 and tuner.times == {}
     assert tuner.order(["a", "b"])[0] == "a"  # candidates timed again from the first
-    assert str(tuner.record_of()) == "timing (timed again 1x: the choice ran slower)"
+    assert str(tuner.record_of()).startswith("timing (timed again 1x: the choice ran slower)")
     for name, ts in {"a": [3.0, 2.0, 2.0], "b": [1.0, 1.5, 1.6]}.items():
         for t in ts:
             tuner.record(name, t)
@@ -143,10 +144,10 @@ def test_settle_runs_until_timing_and_watch_are_over(model: nn.Module) -> None:
     calls = _tuning.settle(call, pending)
     assert not pending() and record().state == "settled"  # type: ignore[union-attr]
     assert "watching" in seen  # the watch was part of the warm-up
-    rounds = _tuning.MAX_CANDIDATES * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
     names = len(record().times)  # type: ignore[union-attr]
     expected = names * (_tuning.WARMUP + _tuning.TRIALS) + _tuning.WATCH
-    assert expected <= calls <= rounds * (1 + _tuning.MAX_RETUNES)
+    # the 20% rule may pause timing for a few calls of the fastest: bounded by the limit
+    assert expected <= calls < 64
     assert _tuning.settle(call, lambda: False, limit=5) == 1  # nothing to tune: one call
     assert _tuning.settle(call, lambda: True, limit=3) == 3  # bounded
 

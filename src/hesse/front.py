@@ -41,7 +41,21 @@ def _tuner(problem: Problem, request: Request, plan: Plan):
         return None
     capture = problem.anchor.capture
     key = (problem.batched, *request.key(problem.index), settings.current().compile)
-    return tuner_for(capture.lock, capture.facts, key, plan.candidates, dict(plan.costs))
+
+    def peaks(names):
+        return {name: _peak(problem, request, name) for name in names}
+
+    budget = plan.budget_bytes
+    costs = dict(plan.costs)
+    return tuner_for(capture.lock, capture.facts, key, plan.candidates, costs, peaks, budget)
+
+
+def _peak(problem: Problem, request: Request, name: str) -> float:
+    """Estimated peak bytes of strategy ``name`` (infinite: not even one step fits)."""
+    try:
+        return float(chunking(problem, request, name).peak_bytes)
+    except MemoryBudgetError:
+        return float("inf")
 
 
 def _ran_key(problem: Problem, request: Request) -> tuple:
@@ -98,7 +112,7 @@ def _after(problem: Problem, request: Request, plan: Plan, outcome: Outcome) -> 
     if problem.anchor is None:
         return
     capture = problem.anchor.capture
-    tuner = _tuner(problem, request, plan)
+    tuner = None if plan.pinned else _tuner(problem, request, plan)  # pinned: no tuning
     with capture.lock:
         capture.facts[(problem.batched, _ran_key(problem, request))] = outcome.strategy
         if tuner is not None:

@@ -99,23 +99,36 @@ class Chunking:
     budget_bytes: int
     why: str
 
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated peak: the result plus one step's working set."""
+        return self.result_bytes + self.step_bytes
+
 
 @dataclass(frozen=True)
 class Tuning:
-    """The timings behind a plan's choice.
+    """The timings behind a plan's choice, and what tuning cost.
 
     Attributes:
-        state: ``"timing"`` (candidates are being timed on the calls), ``"watching"``
-            (the choice's next calls are compared with its timing), or ``"settled"``.
+        state: ``"timing"`` (candidates are being timed on the calls), ``"paused"``
+            (timing waits until its overhead is back within 20% of the work done),
+            ``"watching"`` (the choice's next calls are compared with its timing), or
+            ``"settled"``.
         times: Seconds of the counted calls of every timed candidate.
         best: The fastest candidate so far.
         retunes: How often the candidates were timed again (the choice ran slower).
+        skipped: ``(candidate, why)`` of those not timed, or dropped after one call.
+        work: Seconds of every call of the request so far.
+        overhead: Seconds timed calls took beyond the fastest call measured before them.
     """
 
     state: str
     times: tuple[tuple[str, tuple[float, ...]], ...]
     best: str
     retunes: int = 0
+    skipped: tuple[tuple[str, str], ...] = ()
+    work: float = 0.0
+    overhead: float = 0.0
 
     @property
     def pending(self) -> bool:
@@ -124,10 +137,19 @@ class Tuning:
 
     def __str__(self) -> str:
         parts = [f"{name} {1e3 * min(ts):.3g} ms" for name, ts in self.times if ts]
-        head = {"timing": "timing", "watching": f"settled on {self.best} (watching the choice)"}
+        head = {
+            "timing": "timing",
+            "paused": "paused (overhead over 20% of the work so far)",
+            "watching": f"settled on {self.best} (watching the choice)",
+        }
         state = head.get(self.state, f"settled on {self.best}")
         again = f" (timed again {self.retunes}x: the choice ran slower)" if self.retunes else ""
-        return f"{state}{again}" + (": " + ", ".join(parts) if parts else "")
+        text = f"{state}{again}" + (": " + ", ".join(parts) if parts else "")
+        text += "".join(f"; skipped {name}: {why}" for name, why in self.skipped)
+        if self.work > 0:
+            share = self.overhead / self.work
+            text += f"; overhead {self.overhead:.3g} s of {self.work:.3g} s work ({share:.0%})"
+        return text
 
 
 @dataclass(frozen=True)
@@ -229,7 +251,7 @@ class Plan:
     @property
     def peak_bytes(self) -> int:
         """Estimated peak: the result plus one step's working set."""
-        return self.result_bytes + self.step_bytes
+        return self.chunks.peak_bytes
 
     def __call__(self, x: torch.Tensor, v: torch.Tensor | None = None) -> Any:
         """Computes the plan's quantity at ``x`` (``v``: the direction of an ``hvp``).
