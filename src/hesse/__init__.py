@@ -38,6 +38,7 @@ from .errors import NonFiniteError as NonFiniteError
 from .errors import NonFiniteResultWarning as NonFiniteResultWarning
 from .errors import OutputSelectionError as OutputSelectionError
 from .errors import PiecewiseLinearWarning as PiecewiseLinearWarning
+from .errors import PlanMismatchError as PlanMismatchError
 from .errors import PrecisionWarning as PrecisionWarning
 from .errors import StrategyError as StrategyError
 from .errors import StrategyMismatchError as StrategyMismatchError
@@ -51,6 +52,7 @@ from .operators import mixed_partials as mixed_partials
 from .operators import second_order_operator as second_order_operator
 from .planning.plan import Plan as Plan
 from .planning.plan import Tuning as Tuning
+from .planning.saved import load_plan as load_plan
 
 # reductions (never form the full Hessian)
 from .reduced import hessian_diag as hessian_diag
@@ -83,6 +85,7 @@ __all__ = [
     "OutputSelectionError",
     "PiecewiseLinearWarning",
     "Plan",
+    "PlanMismatchError",
     "PrecisionWarning",
     "Spectrum",
     "Strategy",
@@ -104,6 +107,7 @@ __all__ = [
     "jacobian",
     "laplacian",
     "laplacian_estimate",
+    "load_plan",
     "mixed_partials",
     "plan",
     "register_strategy",

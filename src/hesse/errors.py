@@ -74,6 +74,10 @@ class ResumeMismatchError(HesseError, ValueError):
     """A resumed run differs from the interrupted one (model, inputs or options changed)."""
 
 
+class PlanMismatchError(HesseError, ValueError):
+    """A saved plan was made for another model structure, input, options or versions."""
+
+
 class MissingDependencyError(HesseError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 

@@ -251,8 +251,8 @@ def plan_of(request: Request, f: Fn, x: torch.Tensor) -> Plan:
         problem = build_problem(
             request.api, model, x, request.output, request.batched, capture=capture
         )
-        plan = replace(current_plan(problem, request), model=f)  # the caller's f: the
-        # plan binds the request's arguments again when it is called
+        plan = replace(current_plan(problem, request), model=f, input=input_spec(x))
+        # the caller's f: the plan binds the request's arguments again when it is called
         ops = piecewise_ops(problem, request)
         if ops is None:
             return plan
@@ -305,4 +305,39 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
         tuning=record,
         pinned=True,
         reason=f"{tuned.reason}; tuned: fastest",
+        input=input_spec(x),
+    )
+
+
+def input_spec(x: torch.Tensor) -> tuple[tuple[int, ...], str, str]:
+    """``(shape, dtype, device type)`` of an input, for saved plans' fingerprints."""
+    return tuple(x.shape), str(x.dtype), x.device.type
+
+
+def pinned_plan(request: Request, f: Fn, x: torch.Tensor, name: str, record: Tuning | None) -> Plan:
+    """The plan of ``request`` pinned to strategy ``name`` (a loaded plan).
+
+    When ``name`` declines the request now (or the result is zeros without a strategy),
+    the plan ``hesse.plan`` would make, with why in its reason.
+    """
+    base = plan_of(request, f, x)
+    if base.strategy == "zeros" or name not in base.candidates:
+        why = dict(base.estimates).get(name, "not a candidate")
+        return replace(
+            base, reason=f"{base.reason}; the saved strategy '{name}' is not used ({why})"
+        )
+    model = adapt_exported(request.api, f, x, request.batched)
+    model = with_arguments(request.api, model, request.args, request.kwargs)
+    with CALLS, derivative_scope(), preserved(model):
+        problem = build_problem(request.api, model, x, request.output, request.batched)
+        plan = make_plan(problem, request, order=(name,))
+        program = program_note(problem, request.quantity) if name == "structured" else None
+    return replace(
+        plan,
+        model=f,
+        tuning=record,
+        pinned=True,
+        program=program or None,
+        reason=plan.reason.replace("chosen by tuning", "saved by tuning"),
+        input=input_spec(x),
     )

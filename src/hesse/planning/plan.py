@@ -17,6 +17,7 @@ plans again from the current model: a plan never runs on a stale view of the mod
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -179,6 +180,7 @@ class Plan:
         ran: The strategy the last call of this request ran, if any.
         program: How the structured engine runs the request (interpreted, or as a
             derivative program, compiled or not), when it is the strategy.
+        input: ``(shape, dtype, device type)`` of the input it was made for (saved plans).
         anchor: The capture it was derived from (internal).
     """
 
@@ -200,6 +202,7 @@ class Plan:
     pinned: bool = False
     ran: str | None = None
     program: str | None = None
+    input: tuple[tuple[int, ...], str, str] | None = None
     anchor: Capture | None = field(default=None, repr=False, compare=False)
 
     # the block schedule, flat (for printing and for the driver)
@@ -277,6 +280,31 @@ class Plan:
         from ..front import tune
 
         return tune(self, x, v, rounds)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the plan's choice to a small JSON file, for :func:`hesse.load_plan`.
+
+        The file holds the strategy, its steps, the tuning times, the versions and a
+        fingerprint of the model structure, input, options and device type (see
+        :mod:`hesse.planning.saved`); a training script or a cluster job loads it instead
+        of tuning again.
+
+        Raises:
+            PlanMismatchError: The plan was not made by ``hesse.plan`` or ``Plan.tune``
+                (it does not know its input).
+            OutputWriteError: The file cannot be written.
+        """
+        from ..errors import PlanMismatchError
+        from ..settings import settings
+        from .saved import fingerprint_parts, save_plan
+
+        if self.input is None:
+            raise PlanMismatchError(
+                "hesse.Plan.save: expected a plan made by hesse.plan(...) or Plan.tune, got "
+                "one that does not record its input; make it with hesse.plan and save that."
+            )
+        parts = fingerprint_parts(self.model, self.input, self.request, settings.current().compile)
+        save_plan(self, path, parts)
 
     def with_strategy(self, name: str, chunks: Chunking) -> Plan:
         """The same plan running ``name`` first."""
