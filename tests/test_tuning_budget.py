@@ -144,3 +144,40 @@ def test_over_budget_candidates_never_run(monkeypatch) -> None:
     skipped = dict(plan.tuning.skipped)
     assert skipped and all("over the budget" in why for why in skipped.values())
     assert len(skipped) == len(plan.tuning.skipped)  # named once each
+
+
+def test_the_cost_model_counts_bytes_moved_as_well_as_multiply_adds() -> None:
+    from hesse.engine.cost import RATES
+
+    model, x = _model(23), torch.randn(6, 3, dtype=DT)
+    plan = hesse.plan(model, x, "hessian", batched=True)
+    mac_rate, byte_rate = RATES[("cpu", 8)]
+    costs = dict(plan.costs)
+    assert {name for name, _, _ in plan.work} == set(costs)
+    for name, macs, moved in plan.work:
+        assert macs > 0 and moved > 0
+        assert costs[name] == pytest.approx(macs / mac_rate + moved / byte_rate)
+    assert list(plan.candidates) == sorted(costs, key=costs.__getitem__)
+    assert "moved" in dict(plan.estimates)[plan.strategy]
+
+
+def test_calibration_fit_recovers_known_rates_and_counts_first_picks() -> None:
+    from benchmarks.calibrate import fit, picks
+
+    rng = torch.Generator().manual_seed(0)
+    records = []
+    for case in range(12):  # times made from known rates: the fit must find them again
+        strategies = {}
+        for name in ("a", "b", "c"):
+            macs = float(10 ** (6 + 3 * torch.rand((), generator=rng)))
+            moved = float(10 ** (6 + 3 * torch.rand((), generator=rng)))
+            strategies[name] = {"macs": macs, "bytes": moved, "seconds": macs / 3e9 + moved / 2e8}
+        records.append({"case": f"c{case}", "strategies": strategies, "skipped": {}})
+    fitted = fit(records)
+    assert fitted["mac_rate"] == pytest.approx(3e9, rel=0.07)
+    assert fitted["byte_rate"] == pytest.approx(2e8, rel=0.07)
+    assert fitted["rms_log_error"] < 0.05 < fitted["mac_only_rms_log_error"]
+    exact = picks(records, lambda s: s["macs"] / 3e9 + s["bytes"] / 2e8)
+    assert exact["accuracy"] == 1.0 and exact["mean_slowdown"] == 1.0
+    by_macs = picks(records, lambda s: s["macs"])
+    assert by_macs["cases"] == 12 and by_macs["mean_slowdown"] >= 1.0

@@ -22,6 +22,36 @@ from .graph import Graph
 from .rules.tuples import is_tensors
 from .tangents import find_seed
 
+# NOTE: [time estimates]
+# Estimated seconds = MACs / mac_rate + bytes / byte_rate, per device type and element
+# size. The multiply-adds include each strategy's fixed overheads (in MAC equivalents);
+# the bytes are what the call writes and reads (activations, tangents, terms, result).
+# The rates are fitted by benchmarks/calibrate.py (least squares in log space over the
+# suite's cases, one thread) and written here; only their ratio changes which strategy
+# is estimated fastest. GPU rates are not calibrated (the same ratio is assumed).
+RATES: dict[tuple[str, int], tuple[float, float]] = {
+    # (device type, bytes per element): (MACs per second, bytes per second)
+    ("cpu", 8): (1.0e10, 1.0e10),
+    ("cpu", 4): (2.0e10, 1.0e10),
+    ("cuda", 8): (5.0e12, 5.0e12),
+    ("cuda", 4): (5.0e13, 5.0e12),
+}
+
+
+def seconds(macs: float, traffic: float, device: str, itemsize: int) -> float:
+    """Estimated seconds of a call doing ``macs`` multiply-adds and moving ``traffic`` bytes.
+
+    Args:
+        macs: Multiply-adds (with overheads in MAC equivalents).
+        traffic: Bytes written and read.
+        device: Device type (``"cpu"``, ``"cuda"``, ...; others are costed as CPU).
+        itemsize: Bytes per element of the input's dtype.
+    """
+    mac_rate, byte_rate = RATES.get(
+        (device, itemsize), RATES.get(("cpu", itemsize), RATES[("cpu", 4)])
+    )
+    return macs / mac_rate + traffic / byte_rate
+
 
 @dataclass(frozen=True)
 class GraphCost:

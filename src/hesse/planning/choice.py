@@ -2,7 +2,8 @@
 
 ``strategy="auto"`` takes the candidates of the decision table (:data:`AUTO_ORDER`, per
 quantity and shape regime), drops those that decline the request (with the reason) or
-failed on this model before, and orders the rest by estimated cost (multiply-adds). Chunks
+failed on this model before, and orders the rest by estimated time (multiply-adds and
+bytes moved, see :func:`hesse.engine.cost.seconds`). Chunks
 are sized from the memory budget: the result must fit, and a step of ``s`` samples times
 ``r`` work items costs ``s * r`` times the measured working set of one item (``s`` times
 for strategies that run items one after another, or the strategy's own per-sample
@@ -11,6 +12,7 @@ estimate for whole-sample strategies).
 
 from __future__ import annotations
 
+from ..engine.cost import seconds
 from ..errors import MemoryBudgetError, StrategyError
 from ..quantities import QUANTITIES
 from ..strategies import Strategy, get_strategy
@@ -90,15 +92,30 @@ def _too_big(st: Strategy, problem: Problem, request: Request) -> str | None:
     return None
 
 
+def work_of(st: Strategy, problem: Problem, quantity: str) -> tuple[float, float, float]:
+    """``(estimated seconds, multiply-adds, bytes moved)`` of one call of strategy ``st``."""
+    macs = float(st.estimate(problem, quantity))
+    traffic = getattr(st, "traffic", None)  # optional in the protocol
+    moved = float(traffic(problem, quantity)) if callable(traffic) else 0.0
+    device, itemsize = problem.x.device.type, problem.x.element_size()
+    return seconds(macs, moved, device, itemsize), macs, moved
+
+
+def _note(work: tuple[float, float, float], detail: str) -> str:
+    time_, macs, moved = work
+    text = f"~{1e3 * time_:.3g} ms: {format_bytes(int(moved))} moved, {macs:.3g} MAC"
+    return text + (f" ({detail})" if detail else "")
+
+
 def candidate_order(
     problem: Problem, request: Request
-) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict[str, float], tuple]:
-    """The candidates in order, a note on each, their costs, and earlier failures.
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict[str, tuple], tuple]:
+    """The candidates in order, a note on each, their estimates, and earlier failures.
 
     Returns:
         The names to try, cheapest first; ``(name, note)`` for every strategy of the table
-        (the estimate, or why it declined); the estimates; and ``(name, why)`` of those
-        skipped because they failed on this model before.
+        (the estimate, or why it declined); ``(seconds, MACs, bytes)`` estimates; and
+        ``(name, why)`` of those skipped because they failed on this model before.
 
     Raises:
         StrategyError: A named strategy does not exist.
@@ -109,8 +126,8 @@ def candidate_order(
         declined = _declines(st, problem, request)
         if declined is not None:
             raise declined
-        cost = st.estimate(problem, request.quantity)
-        return (st.name,), ((st.name, f"{cost:.3g} MAC"),), {st.name: cost}, ()
+        work = work_of(st, problem, request.quantity)
+        return (st.name,), ((st.name, _note(work, "")),), {st.name: work}, ()
     if problem.scripted:
         names: tuple[str, ...] = SCRIPTED_ORDER
     else:
@@ -123,12 +140,11 @@ def candidate_order(
         if declined is not None and declined.failed:
             failed.append((name, declined.failed))
         if declined is None:
-            costs[name] = st.estimate(problem, request.quantity)
-            detail = st.describe(problem, request.quantity)
-            notes.append((name, f"{costs[name]:.3g} MAC" + (f" ({detail})" if detail else "")))
+            costs[name] = work_of(st, problem, request.quantity)
+            notes.append((name, _note(costs[name], st.describe(problem, request.quantity))))
         else:
             notes.append((name, f"n/a: {declined.reason}"))
-    ordered = tuple(sorted(costs, key=lambda k: costs[k]))
+    ordered = tuple(sorted(costs, key=lambda k: costs[k][0]))
     return ordered, tuple(notes), costs, tuple(failed)
 
 
@@ -260,7 +276,8 @@ def make_plan(problem: Problem, request: Request, order: tuple[str, ...] | None 
         model=problem.model,
         strategy=first,
         candidates=candidates,
-        costs=tuple(costs.items()),
+        costs=tuple((name, work[0]) for name, work in costs.items()),
+        work=tuple((name, work[1], work[2]) for name, work in costs.items()),
         batch=problem.batch,
         n=problem.n,
         m=problem.m,

@@ -162,7 +162,8 @@ class Plan:
         model: The caller's model or function.
         strategy: The strategy that runs first.
         candidates: Strategies ``"auto"`` would try, in order.
-        costs: Estimated multiply-adds of the candidates.
+        costs: Estimated seconds of the candidates (the cost model's ranking).
+        work: ``(strategy, multiply-adds, bytes moved)`` behind each estimate.
         batch: Number of samples ``B``.
         n: Inputs per sample.
         m: Selected outputs per sample.
@@ -195,6 +196,7 @@ class Plan:
     chunks: Chunking
     reason: str
     estimates: tuple[tuple[str, str], ...] = ()
+    work: tuple[tuple[str, float, float], ...] = ()
     failed: tuple[tuple[str, str], ...] = ()
     captured: bool = False
     capture_note: str | None = None

@@ -42,6 +42,7 @@ saved and loaded (:mod:`hesse.planning.saved`) so that a later process does not 
 
 from __future__ import annotations
 
+import contextvars
 import math
 import statistics
 import threading
@@ -62,6 +63,8 @@ RETUNE = 1.5  # ... and re-timed when their median is this much slower
 MAX_RETUNES = 1
 OVERHEAD_FRACTION = 0.2  # tuning overhead allowed, as a fraction of the work so far
 SLOW = 3.0  # dropped (measured) or skipped (estimated) beyond this many times the fastest
+# Set while settle() runs (per thread and context, so no lock is needed).
+_UNBUDGETED: contextvars.ContextVar[bool] = contextvars.ContextVar("unbudgeted", default=False)
 
 
 @dataclass
@@ -121,7 +124,7 @@ class Tuner:
 
     def affordable(self) -> bool:
         """Whether the overhead so far leaves room for another timed call (the 20% rule)."""
-        return self.overhead <= OVERHEAD_FRACTION * self.work
+        return _UNBUDGETED.get() or self.overhead <= OVERHEAD_FRACTION * self.work
 
     def watching(self) -> bool:
         """Whether the settled choice's next calls are still being compared with its timing."""
@@ -220,7 +223,9 @@ def _gb(size: float) -> str:
 def settle(call: Callable[[], object], pending: Callable[[], bool], limit: int = 64) -> int:
     """Repeats ``call`` until the tuning it triggers is over (at most ``limit`` calls).
 
-    For timings of the steady state (benchmarks, the demo): the tuning calls are warm-up.
+    For timings of the steady state (benchmarks, the demo): the tuning calls are warm-up,
+    so the 20% rule is lifted while it runs (slow and over-budget candidates are still
+    dropped or skipped).
 
     Args:
         call: One ``strategy="auto"`` call of the repeated request.
@@ -231,11 +236,15 @@ def settle(call: Callable[[], object], pending: Callable[[], bool], limit: int =
     Returns:
         The number of calls made.
     """
-    for calls in range(1, limit + 1):  # the first call creates the tuner (if any)
-        call()
-        if not pending():
-            return calls
-    return limit
+    token = _UNBUDGETED.set(True)
+    try:
+        for calls in range(1, limit + 1):  # the first call creates the tuner (if any)
+            call()
+            if not pending():
+                return calls
+        return limit
+    finally:
+        _UNBUDGETED.reset(token)
 
 
 def tuner_for(

@@ -89,6 +89,10 @@ class Strategy(Protocol):
         """A few words for plans on how it would run (``""``: nothing to add)."""
         ...
 
+    # Optional: ``traffic(problem, quantity) -> float``, the bytes the call writes and
+    # reads (the cost model's second term, see :func:`hesse.engine.cost.seconds`);
+    # strategies without it are costed by multiply-adds alone.
+
 
 _REGISTRY: dict[str, Strategy] = {}
 
@@ -167,6 +171,19 @@ class ProductStrategy:
         per_item = problem.forward_macs * passes
         overhead = self.item_overhead * items + STEP_OVERHEAD
         return problem.batch * items * per_item + overhead
+
+    def traffic(self, problem: Problem, quantity: str) -> float:
+        """Bytes written and read: every pass of every item writes and reads the activations.
+
+        ``2 * B * items * passes * A`` (``A``: bytes autograd saves in one forward of one
+        sample) plus the result.
+        """
+        from ..quantities import QUANTITIES
+
+        items = QUANTITIES[quantity].items(problem, self)  # type: ignore[arg-type]
+        passes = 2.0 if quantity == "jacobian" else self.passes_per_item
+        result = problem.batch * items * problem.n * problem.x.element_size()
+        return 2.0 * problem.batch * items * passes * max(problem.saved_bytes, 1) + result
 
     def describe(self, problem: Problem, quantity: str) -> str:
         """Nothing to add."""

@@ -162,6 +162,10 @@ class Structured:
         mode, _ = graph_cost_.best(quantity, problem.m)
         return int(graph_cost_.sample_bytes(quantity, problem.m, mode, problem.x.element_size()))
 
+    def traffic(self, problem: Problem, quantity: str) -> float:
+        """Bytes written and read: each sample's working set (tangents, terms) twice."""
+        return 2.0 * problem.batch * self.sample_bytes(problem, quantity)
+
     def compute(
         self,
         problem: Problem,
