@@ -181,3 +181,17 @@ def test_calibration_fit_recovers_known_rates_and_counts_first_picks() -> None:
     assert exact["accuracy"] == 1.0 and exact["mean_slowdown"] == 1.0
     by_macs = picks(records, lambda s: s["macs"])
     assert by_macs["cases"] == 12 and by_macs["mean_slowdown"] >= 1.0
+
+
+def test_plan_tune_drops_slow_candidates_after_one_call(monkeypatch) -> None:
+    model, x = _model(29), torch.randn(6, 3, dtype=DT)
+    plan = hesse.plan(model, x, "hessian", batched=True)
+    clock = FakeClock({plan.strategy: 1.0}, default=10.0)
+    clock.install(monkeypatch)
+    tuned = plan.tune(x, rounds=3)
+    assert tuned.strategy == plan.strategy and tuned.tuning is not None
+    others = [name for name in plan.candidates if name != plan.strategy]
+    assert clock.runs == {plan.strategy: 3, **dict.fromkeys(others, 1)}
+    assert {name for name, _ in tuned.tuning.skipped} == set(others)
+    assert all("dropped" in why for _, why in tuned.tuning.skipped)
+    torch.testing.assert_close(tuned(x), _reference(model, x), rtol=1e-10, atol=1e-12)

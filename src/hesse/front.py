@@ -25,7 +25,7 @@ from .planning.exported import adapt_exported
 from .planning.plan import Plan, Request, Tuning
 from .planning.problem import Problem, build_problem
 from .planning.scope import CALLS, derivative_scope, preserved
-from .planning.tuning import tuner_for
+from .planning.tuning import SLOW, tuner_for
 from .quantities import forward_jacobian
 from .results import check_request, direction, empty_result, finish, warn_zero
 from .settings import settings
@@ -286,19 +286,25 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
         except Declined as exc:
             raise _declined(problem, request, exc) from None
         times: dict[str, tuple[float, ...]] = {}
+        skipped: dict[str, str] = {}
         for name in base.candidates:
+            peak = _peak(problem, request, name)
+            if name != base.strategy and peak > base.budget_bytes:
+                skipped[name] = "estimated peak over the budget"
+                continue
             trial = base.with_strategy(name, chunking(problem, request, name))
             trial = replace(trial, candidates=(name,))
             try:
-                seconds = [execute(problem, trial, flat_v).seconds for _ in range(rounds)]
+                why = _timed_rounds(problem, trial, flat_v, rounds, times)
             except StrategyError:
                 continue
-            times[name] = tuple(seconds[1:])
+            if why:
+                skipped[name] = why
     if not times:
         raise StrategyError(f"{request.api}: Plan.tune: no candidate could run this model.")
     best = min(times, key=lambda n: min(times[n]))
     tuned = base.with_strategy(best, chunking(problem, request, best))
-    record = Tuning("settled", tuple(times.items()), best)
+    record = Tuning("settled", tuple(times.items()), best, 0, tuple(skipped.items()))
     return replace(
         tuned,
         model=plan.model,
@@ -307,6 +313,27 @@ def tune(plan: Plan, x: torch.Tensor, v: torch.Tensor | None, rounds: int) -> Pl
         reason=f"{tuned.reason}; tuned: fastest",
         input=input_spec(x),
     )
+
+
+def _timed_rounds(
+    problem: Problem,
+    trial: Plan,
+    v: torch.Tensor | None,
+    rounds: int,
+    times: dict[str, tuple[float, ...]],
+) -> str:
+    """Times ``rounds`` calls of ``trial`` into ``times`` (the first not counted).
+
+    Returns:
+        Why the candidate was dropped after its first call (``""``: it was not): slower
+        than :data:`~hesse.planning.tuning.SLOW` times the fastest counted call so far.
+    """
+    fastest = min((min(ts) for ts in times.values()), default=None)
+    first = execute(problem, trial, v).seconds
+    if fastest is not None and first > SLOW * fastest:
+        return f"first call {first:.3g} s, over {SLOW:g}x the fastest ({fastest:.3g} s): dropped"
+    times[trial.strategy] = tuple(execute(problem, trial, v).seconds for _ in range(rounds - 1))
+    return ""
 
 
 def input_spec(x: torch.Tensor) -> tuple[tuple[int, ...], str, str]:

@@ -135,6 +135,22 @@ class GraphCost:
                 entries += 3 * m * d * max(d, self.n if self.bottleneck else d)
         return float(itemsize * (entries + 2 * self.max_size))
 
+    def traffic(self, quantity: str, m: int, mode: str, itemsize: int) -> float:
+        """Bytes one sample writes and reads: every tangent-carrying value, and the terms.
+
+        Each value's ``k`` tangent (and Taylor coefficient) columns are written once and read
+        once (``2 k total_size``, ``k = d``, or ``n + P`` in Taylor mode); every per-layer
+        term reads its input's tangents for each output (``m * sum(I) * width``).
+        """
+        if mode == "taylor":
+            p = {"laplacian": 1, "hessian_diag": self.n}.get(quantity, self.n * (self.n + 1) // 2)
+            return float(itemsize * 2 * (self.n + p) * self.total_size)
+        diag = quantity in ("hessian_diag", "laplacian") and not self.bottleneck
+        width = self.d if diag or mode == "sweep" else self.d * self.d
+        terms = 0 if quantity == "jacobian" else m * sum(self.term_sizes + self.generic_sizes)
+        sweep = 2 * self.d * self.total_size * m if mode == "sweep" else 0
+        return float(itemsize * (2 * self.d * self.total_size + terms * width + sweep))
+
     def best(self, quantity: str, m: int) -> tuple[str, float]:
         """The cheapest mode for ``quantity`` (the sweep only computes whole Hessians)."""
         whole = quantity in ("hessian", "derivatives", "hvp")

@@ -163,8 +163,11 @@ class Structured:
         return int(graph_cost_.sample_bytes(quantity, problem.m, mode, problem.x.element_size()))
 
     def traffic(self, problem: Problem, quantity: str) -> float:
-        """Bytes written and read: each sample's working set (tangents, terms) twice."""
-        return 2.0 * problem.batch * self.sample_bytes(problem, quantity)
+        """Bytes written and read: tangents through every node, and the per-layer terms."""
+        graph_cost_ = cost(problem)
+        mode, _ = graph_cost_.best(quantity, problem.m)
+        itemsize = problem.x.element_size()
+        return problem.batch * graph_cost_.traffic(quantity, problem.m, mode, itemsize)
 
     def compute(
         self,
