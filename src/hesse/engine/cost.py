@@ -26,15 +26,16 @@ from .tangents import find_seed
 # Estimated seconds = MACs / mac_rate + bytes / byte_rate, per device type and element
 # size. The multiply-adds include each strategy's fixed overheads (in MAC equivalents);
 # the bytes are what the call writes and reads (activations, tangents, terms, result).
-# The rates are fitted by benchmarks/calibrate.py (least squares in log space over the
-# suite's cases, one thread) and written here; only their ratio changes which strategy
-# is estimated fastest. GPU rates are not calibrated (the same ratio is assumed).
+# The CPU float64 rates are fitted by benchmarks/calibrate.py on 12 cases of the suite
+# (one thread; benchmarks/results/calibration): the pair whose first picks lose least to
+# the fastest, ties broken by the log error of the time. float32 assumes twice the MAC
+# rate at the same bandwidth; GPU rates are not calibrated (placeholders, same idea).
 RATES: dict[tuple[str, int], tuple[float, float]] = {
     # (device type, bytes per element): (MACs per second, bytes per second)
-    ("cpu", 8): (1.0e10, 1.0e10),
-    ("cpu", 4): (2.0e10, 1.0e10),
-    ("cuda", 8): (5.0e12, 5.0e12),
-    ("cuda", 4): (5.0e13, 5.0e12),
+    ("cpu", 8): (6.68e9, 5.62e9),
+    ("cpu", 4): (1.34e10, 5.62e9),
+    ("cuda", 8): (5.0e12, 3.0e12),
+    ("cuda", 4): (5.0e13, 3.0e12),
 }
 
 
