@@ -43,6 +43,7 @@ EXIT_CODES: dict[type[errors.HesseError], int] = {
     errors.OutputWriteError: 24,
     errors.ResumeMismatchError: 25,
     errors.MissingDependencyError: 26,
+    errors.PlanMismatchError: 27,
 }
 """Exit code of each error class; a subclass not listed uses its nearest listed base."""
 
