@@ -130,3 +130,33 @@ def test_a_plan_without_its_input_cannot_be_saved(saved, tmp_path: Path) -> None
     plan = replace(saved[3], input=None)
     with pytest.raises(hesse.PlanMismatchError, match=r"Plan\.save"):
         plan.save(tmp_path / "p.json")
+
+
+def test_an_online_tuned_plan_round_trips(tmp_path: Path) -> None:
+    model, x = _model(14), torch.randn(5, 3, dtype=DT)
+    for _ in range(4):
+        hesse.hessian(model, x, batched=True)
+    plan = hesse.plan(model, x, "hessian", batched=True)
+    assert plan.tuning is not None and plan.tuning.times  # timed on the calls
+    plan.save(tmp_path / "online.json")
+    loaded = hesse.load_plan(tmp_path / "online.json", model, x, "hessian", batched=True)
+    assert loaded.pinned and loaded.strategy == plan.strategy
+    assert dict(loaded.tuning.times) == dict(plan.tuning.times)  # type: ignore[union-attr]
+    torch.testing.assert_close(loaded(x), _reference(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_functions_are_fingerprinted_by_their_code(tmp_path: Path) -> None:
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z).pow(3).sum(-1)
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        return torch.sin(z).pow(3).sum(-1)
+
+    g.__qualname__ = f.__qualname__  # the same name: only the code tells them apart
+    x = torch.randn(4, 3, dtype=DT)
+    hesse.plan(f, x, "laplacian", batched=True).save(tmp_path / "f.json")
+    got = hesse.load_plan(tmp_path / "f.json", f, x, "laplacian", batched=True)
+    want = vmap(lambda z: torch.diagonal(hessian(f)(z)).sum())(x)
+    torch.testing.assert_close(got(x), want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(hesse.PlanMismatchError, match="model structure"):
+        hesse.load_plan(tmp_path / "f.json", g, x, "laplacian", batched=True)

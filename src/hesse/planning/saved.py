@@ -18,6 +18,8 @@ The fingerprint covers (values never enter it):
 
 A loaded plan only pins which strategy runs: the computation is the real one, with the
 model's current values, and its steps are sized again from the memory budget at load.
+The pin holds while the model's TorchDynamo capture holds (as for ``Plan.tune``); a
+model that cannot be captured is never tuned, and its loaded plan runs as ``hesse.plan``'s.
 """
 
 from __future__ import annotations
