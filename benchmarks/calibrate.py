@@ -186,6 +186,46 @@ def picks(records: list[dict], score) -> dict:
     }
 
 
+def simulate(records: list[dict], calls: int, rates: tuple[float, float]) -> dict:
+    """Tuning's extra time over ``calls`` calls, replayed on the measured times.
+
+    Each call of a strategy takes its measured time (warm-up costs are not replayed).
+    *Before*: the candidates whose multiply-adds are within 6x of the fewest (at most 4),
+    three calls each, then the fastest. *After*: :class:`hesse.planning.tuning.Tuner`
+    with the time estimates (the 20% rule, drops, skips). Extra time: the calls' total
+    minus ``calls`` times the fastest strategy.
+    """
+    from hesse.planning import tuning
+
+    out = {}
+    for r in records:
+        st = r["strategies"]
+        if len(st) < 2:
+            continue
+        t = {n: s["seconds"] for n, s in st.items()}
+        fastest = min(t.values())
+        by_macs = sorted(st, key=lambda n: st[n]["macs"])
+        close = [n for n in by_macs if st[n]["macs"] <= 6 * st[by_macs[0]]["macs"]][:4]
+        old = [n for n in close for _ in range(3)]
+        old = (old + [min(close, key=t.__getitem__)] * calls)[:calls]
+        est = {n: _predict(s["macs"], s["bytes"], *rates) for n, s in st.items()}
+        ordered = sorted(st, key=est.__getitem__)
+        near = [n for n in ordered if est[n] <= tuning.FACTOR * est[ordered[0]]]
+        tuner = tuning.Tuner(near[: tuning.MAX_CANDIDATES], est)
+        new = []
+        for _ in range(calls):
+            name = tuner.order(ordered)[0]
+            tuner.record(name, t[name])
+            new.append(name)
+        out[r["case"]] = {
+            "fastest_s": fastest,
+            "before_extra_s": sum(t[n] for n in old) - calls * fastest,
+            "after_extra_s": sum(t[n] for n in new) - calls * fastest,
+            "after_skipped": dict(tuner.skipped),
+        }
+    return out
+
+
 def report(result: dict) -> str:
     """The markdown report."""
     fitted, s = result["fit"], result["summary"]
@@ -216,6 +256,25 @@ def report(result: dict) -> str:
             f"| {label} | {p['first_pick_fastest']}/{p['cases']} ({p['accuracy']:.0%}) | "
             f"{p['mean_slowdown']:.2f}x | {p['max_slowdown']:.2f}x |"
         )
+    sim = result.get("tuning_cost", {})
+    if sim:
+        lines += [
+            "",
+            f"Tuning's extra time over {result['tuning_calls']} calls against running the "
+            "fastest from the start, replayed on the measured times (before: 3 calls of "
+            "every candidate within 6x of the fewest MACs; after: the budgeted tuner):",
+            "",
+            "| case | fastest ms | before: extra s | after: extra s |",
+            "|---|---|---|---|",
+        ]
+        for case, v in sim.items():
+            lines.append(
+                f"| {case} | {1e3 * v['fastest_s']:.3g} | {v['before_extra_s']:.3g} | "
+                f"{v['after_extra_s']:.3g} |"
+            )
+        before = sum(v["before_extra_s"] for v in sim.values())
+        after = sum(v["after_extra_s"] for v in sim.values())
+        lines.append(f"| all | | {before:.3g} | {after:.3g} |")
     lines += ["", "| case | strategy | measured ms | MACs | bytes | pick (MAC / +bytes) |"]
     lines.append("|---|---|---|---|---|---|")
     for r in result["records"]:
@@ -261,7 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         ),
     }
+    calls = 20
     result = {
+        "tuning_calls": calls,
+        "tuning_cost": simulate(records, calls, shipped),
         "environment": {
             "dtype": args.dtype,
             "threads": args.threads,

@@ -195,3 +195,16 @@ def test_plan_tune_drops_slow_candidates_after_one_call(monkeypatch) -> None:
     assert {name for name, _ in tuned.tuning.skipped} == set(others)
     assert all("dropped" in why for _, why in tuned.tuning.skipped)
     torch.testing.assert_close(tuned(x), _reference(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_the_replayed_tuning_cost_drops_slow_candidates() -> None:
+    from benchmarks.calibrate import simulate
+
+    def s(macs: float, seconds: float) -> dict:
+        return {"macs": macs, "bytes": 0.0, "seconds": seconds}
+
+    record = {"case": "c", "strategies": {"a": s(1e6, 1.0), "b": s(2e6, 10.0)}, "skipped": {}}
+    out = simulate([record], calls=10, rates=(1e6, 1e9))["c"]
+    assert out["before_extra_s"] == pytest.approx(27.0)  # b: three calls of 10 s
+    assert out["after_extra_s"] == pytest.approx(9.0)  # b: one call, then dropped
+    assert "dropped" in out["after_skipped"]["b"]
