@@ -31,6 +31,20 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention on the math kernels (the fused ones have no jvp): for torch.func references."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 class ClampHardswish(nn.Module):
     """``nn.Hardswish`` written with ``hardtanh`` (double-backward capable, same values)."""
 

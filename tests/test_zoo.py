@@ -7,7 +7,6 @@ with no :class:`hesse.FallbackWarning` after the first call.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 
@@ -18,7 +17,7 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 import hesse
-from zoo import ATOMS, ZOO, Bound, ZooCase
+from zoo import ATOMS, ZOO, Bound, ZooCase, math_attention
 
 CALLS = 10
 BATCH = 2
@@ -33,20 +32,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """The reference runs attention on the math kernels (the fused ones have no jvp)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def reference(case: ZooCase, model, x: torch.Tensor, batched: bool, quantity: str):

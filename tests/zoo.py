@@ -7,6 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the `benchmarks` package
 
-from benchmarks.zoo_models import ATOMS, ZOO, Bound, ZooCase, reference_twin
+from benchmarks.zoo_models import ATOMS, ZOO, Bound, ZooCase, math_attention, reference_twin
 
-__all__ = ["ATOMS", "ZOO", "Bound", "ZooCase", "reference_twin"]
+__all__ = ["ATOMS", "ZOO", "Bound", "ZooCase", "math_attention", "reference_twin"]
