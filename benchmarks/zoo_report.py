@@ -10,7 +10,7 @@ COLUMNS = (
     "model",
     "mode",
     "works",
-    "auto ran",
+    "auto ran (here)",
     "rel. error",
     "first call auto / func (ms)",
     "settled auto / func (ms)",
@@ -98,7 +98,7 @@ def markdown(run: dict[str, Any]) -> str:
         "",
     ]
     lines += _table(COLUMNS, [row(r) for r in run["records"]])
-    lines += ["", "## What auto timed", ""]
+    lines += ["", "## What auto timed (in the fresh process)", ""]
     for rec in run["records"]:
         auto = rec.get("auto_child", {})
         if auto.get("tuning") or auto.get("error"):

@@ -269,3 +269,24 @@ def test_uncaptured_model_with_arguments_warns_once_and_keeps_its_buffers() -> N
     plan = hesse.plan(model, x, args=(scale,))
     assert not plan.captured and "vmap" in dict(plan.failed)
     assert model.norm.running_mean is mean and torch.equal(mean, before)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_vit_attention_runs_without_any_warning_on_every_call(batched: bool) -> None:
+    """No warning on any of 10 calls (the first included): attention runs on vmap/reverse.
+
+    The engine declines ``F.multi_head_attention_forward`` (it returns a tuple), so auto
+    never plans it there; named explicitly, the structured strategy says so.
+    """
+    case = ZOO["vit"]
+    model, x = case.model(), case.input(BATCH if batched else None)
+    want = reference(case, model, x, batched, "hessian").detach()
+    for call, (got, messages) in enumerate(calls(case, model, x, batched, "hessian", CALLS)):
+        torch.testing.assert_close(
+            got.reshape(want.shape), want, rtol=1e-9, atol=1e-11, msg=f"call {call + 1}"
+        )
+        assert messages == [], f"call {call + 1}: {messages}"
+    plan = hesse.plan(model, x, "hessian", batched=batched, output=case.output, flat=True)
+    assert plan.captured and plan.ran in ("vmap", "reverse")
+    with pytest.raises(hesse.StrategyError, match=r"multi_head_attention_forward.*returns tuple"):
+        hesse.hessian(model, x, batched=batched, output=case.output, strategy="structured")
