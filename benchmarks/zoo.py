@@ -96,10 +96,13 @@ class Instance:
 def instance(name: str, mode: str) -> Instance:
     """A fresh model object and the input of ``name`` in ``mode`` (float64)."""
     case = ZOO[name]
-    with torch.random.fork_rng(devices=[]):
-        torch.set_default_dtype(torch.float64)
-        model = case.model()
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = case.model()  # seeded, the caller's RNG state kept
         x = case.input(BATCH if mode == "batched" else None)
+    finally:
+        torch.set_default_dtype(dtype)
     return Instance(case, mode, model, x)
 
 
