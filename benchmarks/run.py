@@ -68,6 +68,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cap", type=float, help="seconds: a slower first call is the only timing")
     p.add_argument("--list", action="store_true", help="list cases and methods, then exit")
     p.add_argument(
+        "--zoo", action="store_true", help="the model zoo instead (python -m benchmarks.zoo)"
+    )
+    p.add_argument(
         "--heap-cache",
         action="store_true",
         help="hesse.set_heap_cache() for the whole run (every method; implies --no-memory)",
@@ -161,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit status (0).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--zoo" in argv:  # the zoo benchmark has its own options (benchmarks/zoo.py)
+        from .zoo import main as zoo_main
+
+        return zoo_main([a for a in argv if a != "--zoo"])
     args = parse(argv)
     if args.list:
         print("cases:\n" + "\n".join(f"  {k}: {c.title}" for k, c in CASES.items()))

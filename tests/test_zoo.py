@@ -7,7 +7,6 @@ with no :class:`hesse.FallbackWarning` after the first call.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 
@@ -18,7 +17,7 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 import hesse
-from zoo import ATOMS, ZOO, Bound, ZooCase
+from zoo import ATOMS, ZOO, Bound, ZooCase, math_attention
 
 CALLS = 10
 BATCH = 2
@@ -33,20 +32,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """The reference runs attention on the math kernels (the fused ones have no jvp)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def reference(case: ZooCase, model, x: torch.Tensor, batched: bool, quantity: str):
@@ -245,3 +230,63 @@ def test_piecewise_detection_sees_a_weight_that_depends_on_x() -> None:
     assert want.abs().max() > 1e-3
     assert hesse.plan(f, x).strategy != "zeros"
     torch.testing.assert_close(hesse.hessian(f, x), want, rtol=1e-10, atol=1e-12)
+
+
+class ScriptedParts(nn.Module):
+    """Parts compiled with TorchScript (as e3nn's in MACE), so TorchDynamo cannot capture it;
+    ``forward`` calls ``x.requires_grad_()`` (as MACE does), which vmap cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.norm = torch.jit.script(nn.BatchNorm1d(3).eval())
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+            self.norm.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        x.requires_grad_(True)
+        return (torch.tanh(self.norm(self.lin(x)[None])[0]) * scale).sum()
+
+
+def test_uncaptured_model_with_arguments_warns_once_and_keeps_its_buffers() -> None:
+    """Failures are remembered on the caller's model, not on the args= wrapper of one call."""
+    model = ScriptedParts()
+    x, scale = torch.randn(3), torch.tensor([1.0, -2.0, 0.5])
+    mean = model.norm.running_mean
+    before = mean.clone()
+    want = torch.autograd.functional.hessian(lambda z: model(z, scale), x)
+    assert want.abs().max() > 1e-3
+    fallbacks = []
+    for call in range(4):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = hesse.hessian(model, x, args=(scale,))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"call {call + 1}")
+        fallbacks.append(sum(isinstance(w.message, hesse.FallbackWarning) for w in caught))
+        assert all(isinstance(w.message, hesse.FallbackWarning) for w in caught)
+    assert fallbacks == [1, 0, 0, 0]
+    plan = hesse.plan(model, x, args=(scale,))
+    assert not plan.captured and "vmap" in dict(plan.failed)
+    assert model.norm.running_mean is mean and torch.equal(mean, before)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_vit_attention_runs_without_any_warning_on_every_call(batched: bool) -> None:
+    """No warning on any of 10 calls (the first included): attention runs on vmap/reverse.
+
+    The engine declines ``F.multi_head_attention_forward`` (it returns a tuple), so auto
+    never plans it there; named explicitly, the structured strategy says so.
+    """
+    case = ZOO["vit"]
+    model, x = case.model(), case.input(BATCH if batched else None)
+    want = reference(case, model, x, batched, "hessian").detach()
+    for call, (got, messages) in enumerate(calls(case, model, x, batched, "hessian", CALLS)):
+        torch.testing.assert_close(
+            got.reshape(want.shape), want, rtol=1e-9, atol=1e-11, msg=f"call {call + 1}"
+        )
+        assert messages == [], f"call {call + 1}: {messages}"
+    plan = hesse.plan(model, x, "hessian", batched=batched, output=case.output, flat=True)
+    assert plan.captured and plan.ran in ("vmap", "reverse")
+    with pytest.raises(hesse.StrategyError, match=r"multi_head_attention_forward.*returns tuple"):
+        hesse.hessian(model, x, batched=batched, output=case.output, strategy="structured")

@@ -11,6 +11,7 @@ import contextlib
 import threading
 import weakref
 
+from .arguments import WithArguments
 from .problem import Problem
 
 
@@ -25,6 +26,13 @@ _UNCAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNCAPTURED_LOCK = threading.Lock()
 
 
+def _owner(model: object) -> object:
+    """The caller's model: ``args=``/``kwargs=`` wrap it afresh at every call."""
+    while isinstance(model, WithArguments):
+        model = model.f
+    return model
+
+
 def remember_failure(problem: Problem, key: tuple, reason: str) -> None:
     """Remembers that a strategy failed on this model."""
     if problem.anchor is not None:
@@ -33,7 +41,7 @@ def remember_failure(problem: Problem, key: tuple, reason: str) -> None:
             capture.facts[(problem.batched, key)] = reason
         return
     with _UNCAPTURED_LOCK, contextlib.suppress(TypeError):  # not weak-referenceable
-        _UNCAPTURED.setdefault(problem.model, {})[key] = reason
+        _UNCAPTURED.setdefault(_owner(problem.model), {})[key] = reason
 
 
 _WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -43,7 +51,7 @@ def first_warning(problem: Problem, failures: tuple[str, ...]) -> bool:
     """Whether this model object has not been warned of these failures yet."""
     with _UNCAPTURED_LOCK:
         try:
-            seen = _WARNED.setdefault(problem.model, set())
+            seen = _WARNED.setdefault(_owner(problem.model), set())
         except TypeError:  # not weak-referenceable: warn every time
             return True
         new = failures not in seen
@@ -57,6 +65,6 @@ def known_failure(problem: Problem, key: tuple) -> str:
         return problem.fact(key, str)
     with _UNCAPTURED_LOCK:
         try:
-            return _UNCAPTURED.get(problem.model, {}).get(key, "")
+            return _UNCAPTURED.get(_owner(problem.model), {}).get(key, "")
         except TypeError:
             return ""

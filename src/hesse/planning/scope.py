@@ -106,7 +106,9 @@ def _restore(state: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -> N
             if module.__dict__.get(key, _MISSING) is not value:
                 module.__dict__[key] = value
         for key, (buf, version, copy) in buffers.items():
-            if module._buffers.get(key) is not buf:
+            # `in` and `[]`: a ScriptModule's buffers are an OrderedDictWrapper (no .get)
+            current = module._buffers[key] if key in module._buffers else None  # noqa: SIM401
+            if current is not buf:
                 module._buffers[key] = buf
             if buf._version != version:
                 with torch.no_grad():
