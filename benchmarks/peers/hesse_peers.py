@@ -103,6 +103,9 @@ def _hesse(strategy: str, compiled: bool | str = "auto") -> Callable[[Instance],
             # watches its choice: those calls are warm-up, like JAX's compilation
             tuning.settle(run, pending)
             run.describe = describe  # type: ignore[attr-defined]
+        if compiled is True:  # the program is compiled on its third call: warm-up
+            for _ in range(4):
+                run()
         return run
 
     return prepare

@@ -20,17 +20,21 @@ seconds; a training loop calls the same program thousands of times. One
 A compile that fails (no C++ compiler, an unsupported op) warns once per program and runs
 that program eagerly from then on; other programs still try.
 
-.. note:: The timings are of the program's own call (the derivative pass). The backward of
-   a training step is not timed; it is compiled along with the program.
+Under ``create_graph=True`` (training) a call's cost includes its backward, which compiling
+fuses too: the runner times one backward of the eager program (before the rule first
+decides) and of the compiled one (on its first call, which compiles the backward, and its
+last timed call), with ``autograd.grad`` into nothing and the graph retained for the
+caller's own backward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +88,22 @@ def _clock(x: torch.Tensor) -> float:
     return time.perf_counter()
 
 
+@contextlib.contextmanager
+def _no_donated_buffers() -> Iterator[None]:
+    """AOTAutograd's backward without donated buffers (``retain_graph=True`` then works),
+    compiled afresh: inductor's on-disk caches were seen to hand back a backward that
+    reuses saved buffers (wrong gradients on a second backward), so hesse's compiles skip
+    them."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    with (
+        functorch_config.patch(donated_buffer=False, enable_autograd_cache=False),
+        inductor_config.patch(fx_graph_cache=False),
+    ):
+        yield
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms"
 
@@ -108,6 +128,7 @@ class CompiledRunner:
         self._eager: list[float] = []  # seconds per eager call
         self._compile_seconds = 0.0
         self._trials: list[float] = []  # seconds per compiled call
+        self._backward = {"eager": 0.0, "compiled": 0.0}  # seconds of one backward
         self._why = ""
 
     @property
@@ -128,8 +149,28 @@ class CompiledRunner:
         start = _clock(x)
         out = self.program(inputs, x, self.differentiable)
         if state == "eager" and self.setting == "auto":
-            self._time_eager(_clock(x) - start)
+            seconds = _clock(x) - start
+            if len(self._eager) == MIN_CALLS - 1:  # once, before the rule first decides
+                self._backward["eager"] = self._time_backward(inputs, x, out)
+            self._time_eager(seconds)
         return out
+
+    def _time_backward(self, inputs: tuple, x: torch.Tensor, out: dict) -> float:
+        """Seconds of one backward of ``out`` (0 when it keeps no graph).
+
+        The gradients go nowhere (``autograd.grad`` with the graph retained for the
+        caller's own backward): the program's per-call cost under ``create_graph=True``
+        includes its backward, which compiling speeds up too.
+        """
+        if not self.differentiable:
+            return 0.0
+        leaves = [t for t in (*inputs, x) if isinstance(t, torch.Tensor) and t.requires_grad]
+        outs = [o.sum() for o in out.values() if o.requires_grad]
+        if not leaves or not outs:
+            return 0.0
+        start = _clock(x)
+        torch.autograd.grad(sum(outs), leaves, retain_graph=True, allow_unused=True)
+        return _clock(x) - start
 
     def _run_compiled(
         self, inputs: tuple, x: torch.Tensor, first: bool
@@ -139,11 +180,15 @@ class CompiledRunner:
         try:
             if first:
                 self._compiled = torch.compile(self.program.run, dynamic=False, fullgraph=True)
-            out = self.program(inputs, x, self.differentiable, run=self._compiled)
+            last = len(self._trials) == TRIALS - 1
+            with _no_donated_buffers():  # the backward may then run with retain_graph
+                out = self.program(inputs, x, self.differentiable, run=self._compiled)
+                if first or last:  # its first backward compiles the backward
+                    self._backward["compiled"] = self._time_backward(inputs, x, out)
         except Exception as exc:  # no C++ compiler, unsupported op, recompile limit, ...
             self._fail(exc)
             return None
-        seconds = _clock(x) - start
+        seconds = _clock(x) - start - (self._backward["compiled"] if last else 0.0)
         with self._lock:
             if first:
                 self._first_compiled(seconds)
@@ -159,12 +204,14 @@ class CompiledRunner:
             self._eager.append(seconds)
             if len(self._eager) < MIN_CALLS:
                 return
-            spent = len(self._eager) * statistics.median(self._eager)
+            per_call = statistics.median(self._eager) + self._backward["eager"]
+            spent = len(self._eager) * per_call
             if spent * expected_saving() >= compile_seconds(self.program.nodes):
                 self._state = "compile"
 
     def _first_compiled(self, seconds: float) -> None:
         eager = statistics.median(self._eager) if self._eager else 0.0
+        eager += self._backward["eager"]  # ``seconds`` includes a backward (compiled)
         self._why = f"compiled in {seconds - eager:.3g} s"
         if self.setting is True:
             self._state = "compiled"
@@ -177,10 +224,13 @@ class CompiledRunner:
         self._trials.append(seconds)
         if len(self._trials) < TRIALS:
             return
-        eager, compiled = min(self._eager), min(self._trials)
+        eager = min(self._eager) + self._backward["eager"]
+        compiled = min(self._trials) + self._backward["compiled"]
         saved = 1.0 - compiled / eager
         _learn(self.program.nodes, self._compile_seconds, saved)
         times = f"{_ms(compiled)} compiled against {_ms(eager)} eager"
+        if self._backward["eager"]:
+            times += ", each with one backward"
         self._state = "compiled" if compiled < eager else "kept eager"
         self._why = f"after {len(self._eager)} eager calls; {self._why}; {times}"
 
@@ -218,7 +268,7 @@ class CompiledRunner:
         cost = compile_seconds(self.program.nodes)
         if len(eager) < MIN_CALLS:
             return f"timing {MIN_CALLS} eager calls, then compiled when it pays"
-        t = statistics.median(eager)
+        t = statistics.median(eager) + self._backward["eager"]
         calls = cost / (t * expected_saving())
         return (
             f"{len(eager)} calls of {_ms(t)}; compiling, estimated at {cost:.3g} s, pays "
