@@ -73,11 +73,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     runs = [run(s, args.steps, args.d, args.batch, dtype) for s in (False, "auto", True)]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs}, indent=1))
+    meta = vars(args) | {"out": str(args.out)}
+    (args.out / "results.json").write_text(json.dumps({"args": meta, "runs": runs}, indent=1))
     lines = [
         f"# compile=False / 'auto' / True: {args.steps} training steps, MLP {args.d}-128x4-1 "
         f"tanh, B={args.batch}, {args.dtype}, 1 thread\n",
-        "| setting | total s | first 10 steps s | median step ms (last 100) | auto compiled near step |",
+        "| setting | total s | first 10 steps s | median step ms (last 100) | decided near step |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in runs:

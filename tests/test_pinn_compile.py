@@ -41,17 +41,21 @@ def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vmap(hessian(u))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
+def _at(call: int):
+    return lambda message: f"call {call}: {message}"
+
+
 def _check_step(model: nn.Module, x: torch.Tensor, call: int) -> None:
     """One training step's Laplacian and its gradient to the weights, against torch.func."""
     got = hesse.laplacian(model, x, **KW)
     want = _reference(model, x)
-    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12, msg=lambda m, c=call: f"call {c}: {m}")
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12, msg=_at(call))
     params = list(model.parameters())
     kw = {"allow_unused": True, "materialize_grads": True}  # the last bias: no curvature
     grads = torch.autograd.grad((got**2).mean(), params, **kw)
     wants = torch.autograd.grad((want**2).mean(), params, **kw)
     for g, w in zip(grads, wants, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, c=call: f"call {c}: {m}")
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=_at(call))
 
 
 def _runner(model: nn.Module, x: torch.Tensor) -> CompiledRunner:

@@ -90,10 +90,12 @@ def _clock(x: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def _no_donated_buffers() -> Iterator[None]:
-    """AOTAutograd's backward without donated buffers (``retain_graph=True`` then works),
-    compiled afresh: inductor's on-disk caches were seen to hand back a backward that
-    reuses saved buffers (wrong gradients on a second backward), so hesse's compiles skip
-    them."""
+    """AOTAutograd without donated buffers, compiled afresh.
+
+    Without donated buffers the backward can run with ``retain_graph=True``. Inductor's
+    on-disk caches were seen to hand back a backward that reuses saved buffers (wrong
+    gradients on a second backward), so hesse's compiles skip them.
+    """
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
