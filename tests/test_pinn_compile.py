@@ -180,3 +180,20 @@ def test_settings_refuse_other_compile_values(value: object) -> None:
     refused = pytest.raises(hesse.UnsupportedInputError, match="compile=True/False/'auto'")
     with refused, hesse.settings(compile=value):  # type: ignore[arg-type]
         pass
+
+
+def test_auto_keeps_a_program_eager_when_x_requires_grad(cheap: None) -> None:
+    """A compiled backward cannot be differentiated again: d(lap)/dx must stay differentiable."""
+    model = _model(5)
+    x = torch.rand(5, 2, dtype=DT, requires_grad=True)
+    for call in range(8):  # past the point where the cheap rule would compile
+        lap = hesse.laplacian(model, x, **KW)
+        (gx,) = torch.autograd.grad(lap.sum(), x, create_graph=True)
+        want = torch.autograd.grad(_reference(model, x).sum(), x, create_graph=True)[0]
+        torch.testing.assert_close(gx, want, rtol=1e-10, atol=1e-12, msg=_at(call))
+        (gw,) = torch.autograd.grad(gx.square().sum(), model[0].weight)  # twice differentiated
+        (ww,) = torch.autograd.grad(want.square().sum(), model[0].weight)
+        torch.testing.assert_close(gw, ww, rtol=1e-10, atol=1e-12, msg=_at(call))
+    runner = _runner(model, x)
+    assert not runner.compiled and runner._trials == []
+    assert "not compiled (x requires grad" in _note(model, x)

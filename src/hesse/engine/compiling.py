@@ -18,7 +18,11 @@ seconds; a training loop calls the same program thousands of times. One
   a plan a handful of times never compiles.
 
 A compile that fails (no C++ compiler, an unsupported op) warns once per program and runs
-that program eagerly from then on; other programs still try.
+that program eagerly from then on; other programs still try. The backward of a compiled
+program cannot be differentiated again, so ``"auto"`` keeps a training program eager when
+``x`` requires grad (a loss that differentiates the result to ``x`` twice); with ``x`` not
+requiring grad, only a second backward through the weights would fail, which PINN training
+does not do.
 
 Under ``create_graph=True`` (training) a call's cost includes its backward, which compiling
 fuses too: the runner times one backward of the eager program (before the rule first
@@ -88,6 +92,12 @@ def _clock(x: torch.Tensor) -> float:
     return time.perf_counter()
 
 
+_ONCE_DIFFERENTIABLE = (
+    "x requires grad, and the backward of a compiled program cannot itself be differentiated "
+    "(a gradient of the result to x with create_graph=True would fail); compile=True forces it"
+)
+
+
 @contextlib.contextmanager
 def _no_donated_buffers() -> Iterator[None]:
     """AOTAutograd without donated buffers, compiled afresh.
@@ -148,6 +158,9 @@ class CompiledRunner:
             out = self._run_compiled(inputs, x, first=state == "compile")
             if out is not None:
                 return out
+        if state == "eager" and self.setting == "auto" and self.differentiable and x.requires_grad:
+            self._keep_eager(_ONCE_DIFFERENTIABLE)
+            state = "kept eager"
         start = _clock(x)
         out = self.program(inputs, x, self.differentiable)
         if state == "eager" and self.setting == "auto":
@@ -156,6 +169,10 @@ class CompiledRunner:
                 self._backward["eager"] = self._time_backward(inputs, x, out)
             self._time_eager(seconds)
         return out
+
+    def _keep_eager(self, why: str) -> None:
+        with self._lock:
+            self._state, self._why = "kept eager", why
 
     def _time_backward(self, inputs: tuple, x: torch.Tensor, out: dict) -> float:
         """Seconds of one backward of ``out`` (0 when it keeps no graph).
