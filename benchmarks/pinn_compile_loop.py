@@ -53,7 +53,7 @@ def run(setting: bool | str, steps: int, d: int, batch: int, dtype: torch.dtype)
             times.append(time.perf_counter() - start)
             if switched is None and i % 25 == 0:
                 note = hesse.plan(model, x, "laplacian", **kw).program or ""
-                if "compil" in note and "not compiled yet" not in note:
+                if "compiled whole by" in note or "not compiled (" in note:
                     switched = i
                 notes.append((i, note))
         notes.append((steps, hesse.plan(model, x, "laplacian", **kw).program))
