@@ -134,8 +134,12 @@ def test_a_failed_compile_warns_once_and_runs_eagerly_for_that_program_only(
 
 
 def test_forced_compile_failure_warns_once(monkeypatch: pytest.MonkeyPatch, fresh: None) -> None:
+    from hesse.engine import kernels
+
     model, x = _model(3), torch.rand(4, 2, dtype=DT)
     hesse.laplacian(model, x, **KW)
+    monkeypatch.setattr(kernels, "_COMPILED", {})  # the kernels' failures stay in this test
+    monkeypatch.setattr(kernels, "_FAILED", set())
     monkeypatch.setattr(torch, "compile", _broken)
     with hesse.settings(compile=True):
         with pytest.warns(hesse.HesseWarning, match="no C\\+\\+ compiler") as got:
