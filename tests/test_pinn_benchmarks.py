@@ -38,7 +38,7 @@ def test_training_cases_layout():
 
 
 @pytest.mark.parametrize(
-    "name", ["func_train", "grad_loop_train", "hesse[auto]", "hesse[operator]"]
+    "name", ["func_train", "grad_loop_train", "hesse[auto]", "hesse[eager]", "hesse[operator]"]
 )
 def test_torch_training_steps_match_torch_func(name):
     check = _verify(name, "smoke_train")

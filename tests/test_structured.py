@@ -747,11 +747,12 @@ def test_derivative_program_matches_interpretation(quantity: str) -> None:
     for call in range(PROGRAM_AFTER + 3):
         got = fn(model, x, batched=True, strategy="structured")
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13, msg=f"call {call}")
-    from hesse.engine.program import Program
+    from hesse.engine.compiling import CompiledRunner
 
     facts = capture(model, x).capture.facts.values()
     key = {"hessian_diag": "diag"}.get(quantity, quantity)
-    programs = [v for v in facts if isinstance(v, Program) and v.keys == (key,)]
+    runners = [v for v in facts if isinstance(v, CompiledRunner)]
+    programs = [r.program for r in runners if r.program.keys == (key,)]
     assert len(programs) == 1 and programs[0].nodes > 0  # it ran a program, not a fallback
     with torch.no_grad():  # the program reads the weights at every call
         model[0].weight.mul_(1.5)
@@ -807,7 +808,7 @@ def test_affine_layer_with_a_weight_computed_from_x(op: str) -> None:
 
 
 def test_plan_says_how_the_engine_runs_the_request() -> None:
-    """Interpreted for the first calls, then a derivative program; compiled only on request."""
+    """Interpreted for the first calls, then a derivative program; compiled when it pays."""
     from hesse.strategies.structured import PROGRAM_AFTER
 
     torch.manual_seed(11)
@@ -818,11 +819,14 @@ def test_plan_says_how_the_engine_runs_the_request() -> None:
     for _ in range(PROGRAM_AFTER + 2):
         notes.append(hesse.plan(model, x, "laplacian", **kw).program)
         hesse.laplacian(model, x, **kw)
-    assert (
-        notes[0]
-        == f"interpreted for {PROGRAM_AFTER} more call(s), then a derivative program (not compiled)"
+    assert notes[0] == (
+        f"interpreted for {PROGRAM_AFTER} more call(s), then a derivative program "
+        "(compiled whole when that pays (settings(compile='auto')))"
     )
-    assert notes[-1].startswith("derivative program of ") and notes[-1].endswith("(not compiled)")
+    assert notes[-1].startswith("derivative program of ") and "not compiled yet" in notes[-1]
+    with hesse.settings(compile=False):
+        eager = hesse.plan(model, x, "laplacian", **kw).program
+    assert eager.endswith("then a derivative program (not compiled)")
     with hesse.settings(compile=True):
         compiled = hesse.plan(model, x, "laplacian", **kw).program
     assert compiled.endswith("(compiled whole (settings(compile=True)))")

@@ -103,7 +103,11 @@ def current_plan(problem: Problem, request: Request, pinned: Plan | None = None)
             plan = replace(plan, reason=plan.reason.replace("the cheapest candidate", "tuning"))
         plan = replace(plan, tuning=record)
     ran = problem.fact(_ran_key(problem, request), lambda: None) if anchor else None
-    program = program_note(problem, request.quantity) if plan.strategy == "structured" else None
+    program = (
+        program_note(problem, request.quantity, request.create_graph)
+        if plan.strategy == "structured"
+        else None
+    )
     return replace(plan, ran=ran, program=program or None)
 
 

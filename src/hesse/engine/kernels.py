@@ -7,7 +7,8 @@ fusing them saves whole passes over ``(d, B, I)`` tensors. Measured on the 2-cor
 tangent push and the Gram product are not faster (one pass already; the product is a
 BLAS call), so they stay eager.
 
-Compiling is off by default (``with hesse.settings(compile=True):`` turns it on): the
+Compiling the kernels is off by default (``with hesse.settings(compile=True):`` turns it
+on; the default ``"auto"`` compiles whole derivative programs instead, when that pays): the
 first call per shape and dtype compiles for about a second and needs a C++ compiler on
 CPU. If compiling fails, hesse warns once and runs that kernel eagerly.
 """
@@ -29,8 +30,12 @@ _FAILED: set[str] = set()
 
 
 def compiling() -> bool:
-    """Whether the calls in this context compile the kernels (``hesse.settings(compile=)``)."""
-    return settings.current().compile
+    """Whether the calls in this context compile the kernels (``hesse.settings(compile=True)``).
+
+    Under ``compile="auto"`` the kernels run eagerly: the whole derivative program is what
+    gets compiled when that pays (:mod:`.compiling`).
+    """
+    return settings.current().compile is True
 
 
 def taylor_first(d2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ function of the graph's inputs (parameters, buffers, closed-over tensors) and ``
 - It is ordinary differentiable torch code: run with grad enabled, its result keeps a
   graph to ``x`` and to the weights (``create_graph=True``); run under ``no_grad`` it keeps
   none.
-- It can be compiled whole by ``torch.compile`` (``hesse.settings(compile=True)``).
+- It can be compiled whole by ``torch.compile``; :mod:`.compiling` decides when that pays
+  (``hesse.settings(compile=...)``).
 
 A program is specific to everything it was traced with: the capture (its guards), the
 sub-batch shape, dtype and device, the quantity, the selected outputs and the engine mode.
@@ -39,24 +40,33 @@ class Program:
     """One request's derivative pass as a graph of ATen ops.
 
     Attributes:
-        run: The traced ``GraphModule`` (or its ``torch.compile``d form), mapping
-            ``(inputs, x)`` to the arrays in the order of :attr:`keys`.
+        run: The traced ``GraphModule``, mapping ``(inputs, x)`` to the arrays in the
+            order of :attr:`keys`.
         keys: Names of the arrays it returns (``"hessian"``, ``"diag"``, ...).
-        compiled: Whether it went through ``torch.compile``.
         nodes: Number of ops in it.
     """
 
-    run: Callable[..., Any]
+    run: torch.fx.GraphModule
     keys: tuple[str, ...]
-    compiled: bool
     nodes: int
 
     def __call__(
-        self, inputs: tuple, x: torch.Tensor, differentiable: bool
+        self,
+        inputs: tuple,
+        x: torch.Tensor,
+        differentiable: bool,
+        run: Callable[..., Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The arrays for ``x`` ``(s, n)``; differentiable when asked (grad enabled)."""
+        """The arrays for ``x`` ``(s, n)``; differentiable when asked (grad enabled).
+
+        Args:
+            inputs: The graph's inputs now.
+            x: The flat sub-batch ``(s, n)``.
+            differentiable: Run with grad enabled (the result keeps a graph).
+            run: A compiled form of :attr:`run` to call instead.
+        """
         with torch.enable_grad() if differentiable else torch.no_grad():
-            out = self.run(list(inputs), x)
+            out = (self.run if run is None else run)(list(inputs), x)
         return dict(zip(self.keys, out, strict=True))
 
 
@@ -69,7 +79,6 @@ def emit(
     index: torch.Tensor | None,
     want: frozenset[str],
     mode: str,
-    compile_: bool,
 ) -> Program:
     """Traces the engine's pass for one request into a :class:`Program`.
 
@@ -82,7 +91,6 @@ def emit(
         index: The selected outputs (baked in).
         want: The arrays to compute (see :func:`.modes.structured_pass`).
         mode: The engine mode.
-        compile_: Compile the program whole with ``torch.compile``.
 
     Raises:
         Exception: Whatever tracing raises (the caller then keeps interpreting).
@@ -99,7 +107,4 @@ def emit(
         warnings.simplefilter("ignore")
         module = make_fx(body, tracing_mode="real")(list(inputs), x.detach())
     nodes = sum(1 for n in module.graph.nodes if n.op == "call_function")
-    run: Callable[..., Any] = module
-    if compile_:
-        run = torch.compile(module, dynamic=False, fullgraph=True)
-    return Program(run, keys, compile_, nodes)
+    return Program(module, keys, nodes)

@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 
 from ..engine import CaptureError, GraphCost, graph_cost, structured_pass
-from ..engine.program import Program, emit
+from ..engine.compiling import CompiledRunner
+from ..engine.program import emit
 from ..planning.capture import Bound, capture
 from ..planning.problem import Problem
 from ..settings import settings
@@ -64,24 +65,28 @@ def cost(problem: Problem) -> GraphCost:
 PROGRAM_AFTER = 2  # calls of a request interpreted before its program is emitted
 
 
-def _program(problem: Problem, bound: Bound, x: torch.Tensor, args: tuple) -> Program | None:
+def _program(
+    problem: Problem, bound: Bound, x: torch.Tensor, args: tuple, create_graph: bool
+) -> CompiledRunner | None:
     """The request's derivative program, emitted on its third call (see :mod:`..engine.program`).
 
     Kept on the sub-batch's capture under everything the program bakes in: the layout, the
-    sub-batch shape, the arrays, the selected outputs, the engine mode and the compile
-    setting. A program that cannot be traced is not tried again; the engine interprets.
+    sub-batch shape, the arrays, the selected outputs, the engine mode, the compile setting
+    and the grad mode (the runner times and compiles for one). A program that cannot be
+    traced is not tried again; the engine interprets.
     """
     _, _, index, want, mode = args
     compile_ = settings.current().compile
-    key = _program_key(problem, x, want, index, mode, compile_)
+    key = _program_key(problem, x, want, index, mode, compile_, create_graph)
     if bound.capture.count(("calls", *key)) <= PROGRAM_AFTER:
         return None
 
-    def derive() -> Program | None:
+    def derive() -> CompiledRunner | None:
         try:
-            return emit(bound.graph, bound.inputs, x, *args, compile_=compile_)
+            program = emit(bound.graph, bound.inputs, x, *args)
         except Exception:  # tracing failed: keep interpreting
             return None
+        return CompiledRunner(program, compile_, create_graph)
 
     return bound.capture.fact(key, derive)
 
@@ -92,35 +97,43 @@ def _program_key(
     want: frozenset[str],
     index: torch.Tensor | None,
     mode: str,
-    compile_: bool,
+    compile_: bool | str,
+    create_graph: bool,
 ) -> tuple:
     selected = None if index is None else tuple(index.tolist())
     key = ("program", problem.batched, tuple(x.shape), x.dtype, tuple(sorted(want)), selected)
-    return (*key, mode, compile_)
+    return (*key, mode, compile_, create_graph)
 
 
-def program_note(problem: Problem, quantity: str) -> str:
+_THEN = {
+    True: "compiled whole (settings(compile=True))",
+    False: "not compiled",
+    "auto": "compiled whole when that pays (settings(compile='auto'))",
+}
+
+
+def program_note(problem: Problem, quantity: str, create_graph: bool = False) -> str:
     """How the engine runs this request now: interpreted, or as a (compiled) program."""
     if problem.anchor is None or isinstance(problem.anchor.capture.graph, CaptureError):
         return ""
     mode, _ = cost(problem).best(quantity, problem.m)
     compile_ = settings.current().compile
-    key = _program_key(problem, problem.x, WANTS[quantity], problem.index, mode, compile_)
+    key = _program_key(
+        problem, problem.x, WANTS[quantity], problem.index, mode, compile_, create_graph
+    )
     capture = problem.anchor.capture
     with capture.lock:
-        calls, emitted, program = (
+        calls, emitted, runner = (
             capture.facts.get(("calls", *key), 0),
             key in capture.facts,
             capture.facts.get(key),
         )
-    if emitted and program is None:
+    if emitted and runner is None:
         return "interpreted (tracing the derivative program failed)"
     if emitted:
-        how = "compiled whole by torch.compile" if program.compiled else "not compiled"
-        return f"derivative program of {program.nodes} ATen ops ({how})"
+        return f"derivative program of {runner.program.nodes} ATen ops, {runner.note()}"
     left = max(0, PROGRAM_AFTER - calls)
-    then = "compiled whole (settings(compile=True))" if compile_ else "not compiled"
-    return f"interpreted for {left} more call(s), then a derivative program ({then})"
+    return f"interpreted for {left} more call(s), then a derivative program ({_THEN[compile_]})"
 
 
 class Structured:
@@ -187,9 +200,9 @@ class Structured:
         bound = _bound(problem, x)
         batch = s if problem.batched else 1
         args = (lambda t: t.reshape(shape), batch, problem.index, WANTS[quantity], mode)
-        program = _program(problem, bound, x, args)
+        program = _program(problem, bound, x, args, create_graph)
         if program is not None:
-            out = program(bound.inputs, x, create_graph)
+            out = program(bound.inputs, x)
         else:
             out = structured_pass(bound.graph, bound.inputs, x, *args, differentiable=create_graph)
         if quantity == "hvp" and v is not None:
