@@ -8,9 +8,14 @@ Gram, sweep or Taylor terms become one ``torch.fx.GraphModule`` of ATen ops, a p
 function of the graph's inputs (parameters, buffers, closed-over tensors) and ``x``.
 
 - Running it is one call, with no per-op Python interpretation.
-- It is ordinary differentiable torch code: run with grad enabled, its result keeps a
-  graph to ``x`` and to the weights (``create_graph=True``); run under ``no_grad`` it keeps
-  none.
+- It is ordinary torch code: run under ``no_grad`` it keeps no graph; run with grad
+  enabled, its result keeps a graph to ``x`` and to the weights (``create_graph=True``),
+  but only where no op of the trace reads an ``aten.detach`` (:attr:`Program.cuts_gradients`).
+  ``make_fx`` writes the adjoints' backward ops out with a ``detach`` wherever autograd
+  unpacks a saved *output* (``tanh``'s backward reads ``tanh(a)``): harmless for values,
+  but differentiating such a program drops every term through that saved output (d/dx of
+  a tanh MLP's Hessian came out 8-130% off). Taylor-mode programs have no backward pass and
+  no such ``detach``; a model's own ``.detach()`` shows the same way, so it counts too.
 - It can be compiled whole by ``torch.compile``; :mod:`.compiling` decides when that pays
   (``hesse.settings(compile=...)``).
 
@@ -44,11 +49,15 @@ class Program:
             order of :attr:`keys`.
         keys: Names of the arrays it returns (``"hessian"``, ``"diag"``, ...).
         nodes: Number of ops in it.
+        cuts_gradients: An op reads an ``aten.detach``: its values are right, but its result
+            must not be differentiated (see the module doc); ``create_graph=True`` requests
+            interpret instead.
     """
 
     run: torch.fx.GraphModule
     keys: tuple[str, ...]
     nodes: int
+    cuts_gradients: bool = False
 
     def __call__(
         self,
@@ -106,5 +115,8 @@ def emit(
     with settings(compile=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = make_fx(body, tracing_mode="real")(list(inputs), x.detach())
-    nodes = sum(1 for n in module.graph.nodes if n.op == "call_function")
-    return Program(module, keys, nodes)
+    calls = [n for n in module.graph.nodes if n.op == "call_function"]
+    # make_fx also records an unused ``detach`` where autograd saves an output; only a
+    # ``detach`` whose value is read cuts a gradient path
+    cuts = any(n.target is torch.ops.aten.detach.default and n.users for n in calls)
+    return Program(module, keys, len(calls), cuts)

@@ -86,6 +86,8 @@ def _program(
             program = emit(bound.graph, bound.inputs, x, *args)
         except Exception:  # tracing failed: keep interpreting
             return None
+        if create_graph and program.cuts_gradients:
+            return None  # its result would differentiate wrongly: keep interpreting
         return CompiledRunner(program, compile_, create_graph)
 
     return bound.capture.fact(key, derive)
@@ -127,6 +129,11 @@ def program_note(problem: Problem, quantity: str, create_graph: bool = False) ->
             capture.facts.get(("calls", *key), 0),
             key in capture.facts,
             capture.facts.get(key),
+        )
+    if emitted and runner is None and create_graph:
+        return (
+            "interpreted (the traced derivative program would cut gradients, or tracing "
+            "failed; see hesse.engine.program)"
         )
     if emitted and runner is None:
         return "interpreted (tracing the derivative program failed)"
