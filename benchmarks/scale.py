@@ -116,7 +116,24 @@ def _compute_seconds(stdout: str) -> float:
     return float(stdout.rsplit("(", 1)[1].split(" s")[0])
 
 
-def peak_memory(work: Path, sink: str) -> dict:
+_IMPORTS = "import torch, numpy, zarr, hesse, hesse.io, hesse.compute; torch.zeros(1)"
+
+
+def _warm_up(strategy: str) -> str:
+    """A process that imported hesse and ran one Hessian row of ``cnn64`` (one HVP).
+
+    Its RSS is the fixed cost every run pays whatever its budget: torch._dynamo and the
+    planner load on hesse's first call, the strategy's code paths on the first HVP.
+    ``max_memory`` budgets what a run needs on top of it.
+    """
+    return (
+        _IMPORTS + "; from benchmarks.scale import cnn64; from hesse.io import hessian_rows"
+        f"; hessian_rows(cnn64(), torch.randn(3, 64, 64), slice(0, 1), output=3, batched=True,"
+        f" strategy={strategy!r})"
+    )
+
+
+def peak_memory(work: Path, sink: str, strategy: str) -> dict:
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype("float32")
     np.save(work / "img.npy", x)
     out = work / f"H{sink}"
@@ -134,18 +151,15 @@ def peak_memory(work: Path, sink: str) -> dict:
             out,
             "--max-memory",
             "100MB",
+            "--strategy",
+            strategy,
         ),
         _env(),
     )
-    base = _watch(
-        [
-            sys.executable,
-            "-c",
-            "import torch, numpy, zarr, hesse, hesse.io, hesse.compute; torch.zeros(1)",
-        ],
-        _env(),
-    )
+    assert r["rc"] == 0, r["stderr"]
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())["config"]
+    base = _watch([sys.executable, "-c", _IMPORTS], _env())
+    warm = _watch([sys.executable, "-c", _warm_up(manifest["strategy"])], _env())
     return {
         **r,
         "sink": sink,
@@ -155,6 +169,9 @@ def peak_memory(work: Path, sink: str) -> dict:
         "rows_per_block": manifest["per_block"],
         "strategy": manifest["strategy"],
         "import_rss_anon": base["peak_rss_anon"],
+        "warm_rss_anon": warm["peak_rss_anon"],
+        "above_import": r["peak_rss_anon"] - base["peak_rss_anon"],
+        "above_warm": r["peak_rss_anon"] - warm["peak_rss_anon"],
     }
 
 
@@ -240,28 +257,38 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=["memory", "throughput", "resume"], action="append")
+    p.add_argument("--sink", choices=[".npy", ".zarr"], action="append", help="memory: sinks")
+    p.add_argument("--strategy", default="timed", help="memory: the strategy of the row blocks")
+    p.add_argument("--samples", type=int, default=None, help="throughput: samples")
     args = p.parse_args(argv)
     parts = args.only or ["memory", "throughput", "resume"]
-    results: dict = {
-        "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(), "torch": torch.__version__}
-    }
+    results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
     path = OUT / "results.json"
     if path.exists():
         results = {**json.loads(path.read_text()), **results}
+    samples = args.samples or (256 if args.quick else 16384)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "memory" in parts:
-            results["memory"] = [peak_memory(work, s) for s in (".npy", ".zarr")]
+            results["memory"] = [
+                {**peak_memory(work, s, args.strategy), **_load()}
+                for s in args.sink or (".npy", ".zarr")
+            ]
         if "throughput" in parts or "resume" in parts:
-            tp = throughput(work, 256 if args.quick else 2048)
+            tp = {**throughput(work, samples), **_load()}
             if "throughput" in parts:
                 results["throughput"] = tp
         if "resume" in parts:
-            results["resume"] = resume(work)
+            results["resume"] = {**resume(work), **_load()}
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     return 0
+
+
+def _load() -> dict:
+    """The load average (1, 5, 15 min) after a part: how busy the shared machine was."""
+    return {"load_after": os.getloadavg()}
 
 
 if __name__ == "__main__":

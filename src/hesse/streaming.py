@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .io.sinks import Sink
 
 Fn = Callable[..., torch.Tensor]
 
@@ -17,7 +20,7 @@ def stream(
     x: torch.Tensor,
     args: tuple,
     kwargs: dict | None,
-    out: str | os.PathLike,
+    out: str | os.PathLike | Sink,
     output: Any,
     batched: bool,
     flat: bool,
@@ -25,10 +28,10 @@ def stream(
     max_memory: int | str | None,
     resume: bool,
 ) -> object:
-    """The result of ``quantity`` written into ``out`` (see :func:`hesse.io.compute_to`).
+    """The result of ``quantity`` written into ``out``, a path or a :class:`hesse.io.Sink`.
 
     Returns:
-        The handle of the file: a read-only memmap, a zarr array or the path.
+        What the sink returns: a read-only memmap, a zarr array, the path, or the sink.
     """
     from .io import compute_to  # the file formats' packages load on first use
 

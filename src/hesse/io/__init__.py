@@ -1,8 +1,8 @@
 """Input and output: sinks that receive the blocks of a chunked computation, streamed runs.
 
 :func:`compute_to` streams a Jacobian, Hessian, Hessian diagonal or Laplacian into a file
-(``.npy``, ``.zarr``, ``.safetensors``) block by block, resumably, and split over the
-processes of ``torchrun``.
+(``.npy``, ``.zarr``, ``.safetensors``) or any :class:`Sink` block by block, resumably,
+and split over the processes of ``torchrun``.
 """
 
 # in-memory sinks of the engine
@@ -14,14 +14,16 @@ from .run import compute_to as compute_to
 from .schedule import Block as Block
 from .schedule import Layout as Layout
 from .schedule import hessian_rows as hessian_rows
-from .sinks import BlockSink as BlockSink
+from .sinks import CallbackSink as CallbackSink
+from .sinks import ItemSink as ItemSink
 from .sinks import MemorySink as MemorySink
 from .sinks import Sink as Sink
 from .sinks import TensorSink as TensorSink
 
 __all__ = [
     "Block",
-    "BlockSink",
+    "CallbackSink",
+    "ItemSink",
     "Layout",
     "MemorySink",
     "NpySink",

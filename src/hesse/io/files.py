@@ -20,6 +20,7 @@ import contextlib
 import io
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from hesse.errors import FileFormatError, ResumeMismatchError, UnsupportedInputE
 from ._atomic import os_errors, write_atomic
 from ._deps import require
 from .schedule import Block, Layout
+from .sinks import Sink
 
 SUFFIXES = {".npy": "npy", ".zarr": "zarr", ".safetensors": "safetensors"}
 
@@ -58,19 +60,34 @@ def _shard_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-class NpySink:
+class NpySink(Sink):
     """A ``.npy`` file holding the result in its public shape.
 
     The file is created with :func:`numpy.lib.format.open_memmap` (header and size), and
     every block, a contiguous byte range of the C-ordered array, is written with
     ``os.pwrite``: the written pages are not mapped into the process (its
     memory stays at one block), and a full disk is an ``OSError``, never a ``SIGBUS``.
+
+    Args:
+        path: The ``.npy`` file.
     """
 
-    kind = "npy"
+    kind = "npy"  # type: ignore[assignment]
 
-    def __init__(self, path: Path, layout: Layout, create: bool):
-        self.path, self.layout = path, layout
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        """Whether the file exists."""
+        return self.path.exists()
+
+    def discard(self) -> None:
+        """Delete what :meth:`open` created."""
+        _discard(self.path)
+
+    def open(self, layout: Layout, blocks: Sequence[Block], create: bool) -> None:
+        """Create the file (header, size reserved on disk) or check an existing one."""
+        path, self.layout = self.path, layout
         with os_errors(path):
             if create:
                 mm = np.lib.format.open_memmap(
@@ -125,6 +142,16 @@ class NpySink:
             os.close(self._fd)
 
 
+def _discard(*paths: Path) -> None:
+    """Delete files or folders a sink created."""
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def _reserve(path: Path) -> None:
     """Allocate the file's blocks now, so a full disk fails here and not as SIGBUS later."""
     size = path.stat().st_size
@@ -150,19 +177,39 @@ def _open_npy(path: Path, layout: Layout) -> int:
     return int(mm.offset)
 
 
-class ZarrSink:
+class ZarrSink(Sink):
     """A zarr v3 array, one chunk per block (one block per chunk file).
 
     Sample blocks are stored in the result's public shape. Row blocks of a Hessian are
     stored as ``(B, n, n)`` (``(n, n)`` without a batch), with the public shape in the
-    array's attribute ``"hesse_shape"``.
+    array's attribute ``"hesse_shape"``. The sample axis can grow (iterables of batches).
+
+    Args:
+        path: The ``.zarr`` folder.
     """
 
-    kind = "zarr"
+    growable = True
 
-    def __init__(self, path: Path, layout: Layout, create: bool, per_block: int):
+    kind = "zarr"  # type: ignore[assignment]
+
+    def __init__(self, path: Path):
+        require("zarr", "hesse compute")
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        """Whether the folder exists."""
+        return self.path.exists()
+
+    def discard(self) -> None:
+        """Delete what :meth:`open` created."""
+        _discard(self.path)
+
+    def open(self, layout: Layout, blocks: Sequence[Block], create: bool) -> None:
+        """Create the array (chunks of one block) or open an existing one."""
         zarr = require("zarr", "hesse compute")
-        self.path, self.layout = path, layout
+        path, self.layout = self.path, layout
+        first = blocks[0] if blocks else None
+        per_block = 1 if first is None else max(first.s1 - first.s0, first.r1 - first.r0)
         self._per_sample = layout.shape[1:] if layout.batched else layout.shape
         with os_errors(path):
             if create:
@@ -184,11 +231,15 @@ class ZarrSink:
                     raise FileFormatError(
                         f"hesse compute: {path} is not a readable zarr array ({exc})"
                     ) from exc
-                if list(arr.attrs.get("hesse_shape", [])) != list(layout.shape):
+                stored = list(arr.attrs.get("hesse_shape", []))
+                growing = layout.batched and not layout.row_mode  # may have grown
+                if stored[growing:] != list(layout.shape)[growing:]:
                     raise ResumeMismatchError(
                         f"hesse compute: {path} holds a result of another shape"
                     )
         self._arr = arr
+        if layout.batched and not layout.row_mode and arr.shape[0] != layout.samples:
+            self.layout = layout.with_samples(int(arr.shape[0]))
 
     def _disk_shape(self, per_block: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         lay = self.layout
@@ -225,38 +276,53 @@ class ZarrSink:
         data = np.asarray(self._arr[self._index(region)])
         return data.reshape(region.s1 - region.s0, region.r1 - region.r0, self.layout.cols)
 
-    def finish(self) -> None:
-        """Nothing to do: every chunk is written when its block is."""
+    def grow(self, samples: int) -> None:
+        """Resize the sample axis (sample blocks of a batched result)."""
+        with os_errors(self.path):
+            self._arr.resize((samples, *self._arr.shape[1:]))
+            self.layout = self.layout.with_samples(samples)
+            self._arr.attrs["hesse_shape"] = list(self.layout.shape)
 
     def result(self) -> Any:
         """The zarr array, opened read-only."""
         return require("zarr").open_array(str(self.path), mode="r")
 
-    def close(self) -> None:
-        """Nothing to do."""
 
-
-class SafetensorsSink:
+class SafetensorsSink(Sink):
     """A ``.safetensors`` file assembled at the end from per-block shard files.
 
     Args:
         path: The ``.safetensors`` file.
-        layout: Shape and dtype.
-        create: Make the shard folder.
         name: The tensor's name in the file (the quantity, e.g. ``"hessian"``).
-        blocks: The run's blocks, to place each shard.
     """
 
-    kind = "safetensors"
+    growable = True
 
-    def __init__(self, path: Path, layout: Layout, create: bool, name: str, blocks: list[Block]):
+    kind = "safetensors"  # type: ignore[assignment]
+
+    def __init__(self, path: Path, name: str = "result"):
         require("safetensors", "hesse compute")
-        self.path, self.layout, self.name = path, layout, name
-        self._blocks = blocks
-        self._shards = _shard_dir(path)
+        self.path, self.name = Path(path), name
+        self._shards = _shard_dir(self.path)
+
+    def exists(self) -> bool:
+        """Whether the file or its shard folder exists."""
+        return self.path.exists() or self._shards.exists()
+
+    def discard(self) -> None:
+        """Delete what :meth:`open` created."""
+        _discard(self.path, self._shards)
+
+    def open(self, layout: Layout, blocks: Sequence[Block], create: bool) -> None:
+        """Make the shard folder (``create``)."""
+        self.layout, self._blocks = layout, blocks  # a run over batches adds blocks
         if create:
-            with os_errors(path):
+            with os_errors(self.path):
                 self._shards.mkdir(exist_ok=True)
+
+    def grow(self, samples: int) -> None:
+        """The file is assembled at the end: only the layout changes."""
+        self.layout = self.layout.with_samples(samples)
 
     def _shard(self, region: Block) -> Path:
         return self._shards / f"block{region.id}.npy"
@@ -290,35 +356,20 @@ class SafetensorsSink:
         """The path of the ``.safetensors`` file."""
         return self.path
 
-    def close(self) -> None:
-        """Nothing to do."""
 
-
-def open_sink(
-    path: Path,
-    layout: Layout,
-    blocks: list[Block],
-    *,
-    create: bool,
-    per_block: int,
-    name: str,
-) -> NpySink | ZarrSink | SafetensorsSink:
-    """Create (``create=True``, one process) or open (the others, or a resume) a sink.
+def open_sink(path: Path, name: str) -> Sink:
+    """The (unopened) file sink for ``path``; its suffix picks the format.
 
     Args:
-        path: The output; its suffix picks the sink.
-        layout: Shape and dtype.
-        blocks: The run's blocks.
-        create: Create the file (it must not exist).
-        per_block: Samples (rows) per block, the zarr chunking.
+        path: The output.
         name: The quantity, used as the tensor name in ``.safetensors``.
 
-    Returns:
-        The sink.
+    Raises:
+        UnsupportedInputError: An unknown suffix.
     """
     kind = sink_kind(path)
     if kind == "npy":
-        return NpySink(path, layout, create)
+        return NpySink(path)
     if kind == "zarr":
-        return ZarrSink(path, layout, create, per_block)
-    return SafetensorsSink(path, layout, create, name, blocks)
+        return ZarrSink(path)
+    return SafetensorsSink(path, name)

@@ -63,16 +63,21 @@ class Manifest:
         config: The run's configuration (JSON-serialisable).
         done: Block id to checksum of the block's bytes.
         complete: Every block of the run is done.
+        inputs: Block id to checksum of the block's inputs (iterables of batches, whose
+            re-iterated batches a resume checks against these).
     """
 
     path: Path
     config: dict[str, Any]
     done: dict[int, str] = field(default_factory=dict)
     complete: bool = False
+    inputs: dict[int, str] = field(default_factory=dict)
 
-    def mark(self, block_id: int, checksum: str) -> None:
-        """Record a finished block and save the manifest atomically."""
+    def mark(self, block_id: int, checksum: str, inputs: str | None = None) -> None:
+        """Record a finished block (and its inputs' checksum); save atomically."""
         self.done[block_id] = checksum
+        if inputs is not None:
+            self.inputs[block_id] = inputs
         self.save()
 
     def save(self) -> None:
@@ -85,6 +90,8 @@ class Manifest:
             "complete": self.complete,
             "done": {str(k): v for k, v in sorted(self.done.items())},
         }
+        if self.inputs:
+            body["inputs"] = {str(k): v for k, v in sorted(self.inputs.items())}
         data = json.dumps(body, indent=1, sort_keys=True).encode()
         write_atomic(self.path, lambda fh: fh.write(data))
 
@@ -103,7 +110,8 @@ def read_manifest(path: Path) -> Manifest:
         if config_hash(config) != body["config_hash"]:
             raise ValueError("config hash mismatch")
         done = {int(k): str(v) for k, v in body["done"].items()}
-        return Manifest(path, config, done, bool(body.get("complete", False)))
+        inputs = {int(k): str(v) for k, v in body.get("inputs", {}).items()}
+        return Manifest(path, config, done, bool(body.get("complete", False)), inputs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FileFormatError(
             f"hesse compute: the manifest {path} is corrupt ({exc}); delete the output "
@@ -131,6 +139,7 @@ def read_all(out: Path) -> Manifest | None:
                 "output and its manifests to start again"
             )
         merged.done.update(m.done)
+        merged.inputs.update(m.inputs)
     return merged
 
 

@@ -11,6 +11,7 @@ and assembles the result at the end.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,28 +20,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from hesse import errors
-from hesse.errors import HesseError, OutputExistsError, ResumeMismatchError
+from hesse.errors import HesseError, UnsupportedInputError
 
-from . import manifest as mf
-from ._atomic import os_errors
-from ._dist import barrier, broadcast_json, rank_and_world
-from ._progress import _advance, _bar
+from ._atomic import sink_errors
+from ._dist import rank_and_world
+from ._progress import _bar
+from ._resumable import run_resumable
 from ._sizing import _per_block
 from ._spec import Spec, build_spec, fingerprint_data, fingerprint_model, output_json
-from .files import open_sink, sink_kind, sink_paths
+from .batches import compute_batches, is_batches
+from .files import open_sink
 from .schedule import Block, hessian_rows, make_blocks
-from .sinks import BlockSink, MemorySink
-
-# config entries a resume takes from the manifest rather than from the new call
-_IDENTITY_KEYS = ("strategy", "per_block", "blocks")
+from .sinks import MemorySink, Sink
 
 
 def compute_to(
     quantity: str,
     f: Callable[[torch.Tensor], torch.Tensor],
     x: Any,
-    out: str | Path | None = None,
+    out: str | Path | Sink | None = None,
     *,
     output: Any = None,
     batched: bool = False,
@@ -52,6 +50,7 @@ def compute_to(
     device: str | torch.device | None = None,
     row_blocks: bool | None = None,
     block_size: int | None = None,
+    num_samples: int | None = None,
 ) -> Any:
     """Compute ``quantity`` of ``f`` at ``x`` block by block into ``out``; return a handle.
 
@@ -66,8 +65,12 @@ def compute_to(
         f: Model or function, as for :func:`hesse.hessian`.
         x: Input: a tensor, a NumPy array (e.g. ``np.load(path, mmap_mode="r")``) or a
             zarr array. With ``batched=True``, shape ``(B, *S)``, read a block at a time.
-        out: ``"H.npy"``, ``"H.zarr"``, ``"H.safetensors"``, or ``None`` for a tensor in
-            memory (one process only).
+            Or (``batched=True``, one process) an iterable of batches: a generator, a list
+            or a ``torch.utils.data.DataLoader`` yielding ``(b, *S)`` tensors or arrays,
+            or tuples ``(x, ...)`` whose first element is differentiated (see
+            :mod:`hesse.io.batches`).
+        out: ``"H.npy"``, ``"H.zarr"``, ``"H.safetensors"``, a :class:`hesse.io.Sink`
+            object, or ``None`` for a tensor in memory (one process only).
         output: Which outputs, as for :func:`hesse.hessian`.
         batched: ``x``'s first dimension holds independent samples.
         flat: Flat matrices, as for :func:`hesse.hessian`.
@@ -84,16 +87,20 @@ def compute_to(
             decides from the budget.
         block_size: Samples (rows) per block; ``None``: from the budget. A resumed run
             keeps the interrupted run's blocks.
+        num_samples: For an iterable of batches: how many samples it yields (checked).
+            Needed for ``.npy``; without it ``.zarr`` and ``.safetensors`` grow.
 
     Returns:
         The result: a tensor (``out=None``), a read-only ``numpy.memmap`` (``.npy``), a
-        zarr array (``.zarr``; row-block Hessians as ``(B, n, n)`` / ``(n, n)``), or the
-        path of the ``.safetensors`` file. Shapes as for the in-memory call.
+        zarr array (``.zarr``; row-block Hessians as ``(B, n, n)`` / ``(n, n)``), the
+        path of the ``.safetensors`` file, or a sink object's :meth:`~hesse.io.Sink.result`
+        (the sink itself by default). Shapes as for the in-memory call.
 
     Raises:
         OutputExistsError: ``out`` exists and ``resume`` is false.
-        ResumeMismatchError: ``resume`` with a different model, input or options.
-        OutputWriteError: ``out`` cannot be written.
+        ResumeMismatchError: ``resume`` with a different model, input or options (or,
+            for an iterable, other batches than the interrupted run's).
+        OutputWriteError: ``out`` cannot be written (a full disk, or a sink that raised).
 
     >>> import torch, hesse.io
     >>> H = hesse.io.compute_to("hessian", lambda x: (x**3).sum(), torch.ones(3), progress=False)
@@ -105,16 +112,35 @@ def compute_to(
     rank, world = rank_and_world()
     dev = torch.device(device) if device is not None else getattr(x, "device", torch.device("cpu"))
     budget = parse_bytes(max_memory, "hesse.io.compute_to") or available_bytes(dev) // 2
+    if is_batches(x):
+        if not batched or world > 1:
+            raise UnsupportedInputError(
+                "hesse.io.compute_to: an iterable of batches needs batched=True and runs in "
+                f"one process (got batched={batched}, {world} processes); for torchrun, save "
+                "the inputs as .npy or .zarr"
+            )
+        return compute_batches(
+            quantity, f, x, as_sink(out, quantity, dev), output=output, flat=flat,
+            budget=budget, device=None if device is None else dev, num_samples=num_samples,
+            resume=resume, progress=progress, strategy=strategy, block_size=block_size,
+        )  # fmt: skip
     spec = build_spec(quantity, f, x, output, batched, flat, dev, budget, row_blocks)
     per_block = block_size or _per_block(spec, budget)
     blocks = make_blocks(spec.layout, per_block)
     runner = _Runner(spec, blocks, budget, strategy, block_size is not None)
-    if out is None:
+    sink = as_sink(out, quantity, spec.device)
+    if sink.path is None:
         if world > 1:
-            raise HesseError("hesse.io.compute_to: out=None cannot be used with several processes")
-        return runner.to_memory(progress)
-    path = Path(out)
-    sink_kind(path)
+            raise UnsupportedInputError(
+                f"hesse.io.compute_to: out={out!r} has no path, so its blocks cannot be shared "
+                "by several processes; pass a file path (.npy, .zarr, .safetensors)"
+            )
+        if resume:
+            raise UnsupportedInputError(
+                f"hesse.io.compute_to: resume=True needs an output with a path (a file, or a "
+                f"hesse.io.Sink with .path set) to keep the manifest in; got {out!r}"
+            )
+        return runner.run_plain(sink, progress)
     config = {
         "quantity": quantity,
         "output": output_json(output),
@@ -125,13 +151,32 @@ def compute_to(
         "row_mode": spec.layout.row_mode,
         "per_block": per_block,
         "blocks": len(blocks),
-        "sink": sink_kind(path),
+        "sink": sink.kind,
         "input": fingerprint_data(x, batched),
         "model": fingerprint_model(f),
         "torch": torch.__version__,
         "strategy": strategy,
     }
-    return runner.to_file(path, config, resume, progress, rank, world)
+    return run_resumable(runner, sink, config, resume, progress, rank, world)
+
+
+def as_sink(out: Any, quantity: str, device: torch.device) -> Sink:
+    """The sink of ``out=``: a path's file sink, a :class:`Sink`, or memory for ``None``.
+
+    Raises:
+        UnsupportedInputError: ``out`` is none of these, or a path with an unknown suffix.
+    """
+    if out is None:
+        return MemorySink(device)
+    if isinstance(out, Sink):
+        return out
+    if isinstance(out, str | os.PathLike):
+        return open_sink(Path(out), quantity)
+    raise UnsupportedInputError(
+        f"hesse.io.compute_to: out must be None, a path (.npy, .zarr, .safetensors) or a "
+        f"hesse.io.Sink, got {type(out).__name__}; wrap other objects in a subclass of "
+        "hesse.io.Sink (implement write) or in hesse.io.CallbackSink(fn)"
+    )
 
 
 class _Runner:
@@ -232,170 +277,23 @@ class _Runner:
             return tuple(c for c in plan.candidates if c != "structured")
         return plan.candidates
 
-    def to_memory(self, progress: bool) -> torch.Tensor:
-        """Compute every block into a :class:`MemorySink`."""
-        sink = MemorySink(self.spec.layout, self.spec.device)
+    def run_plain(self, sink: Sink, progress: bool) -> Any:
+        """Every block into a sink without a manifest (in memory, a callback): one process."""
         strategy, first = self.resolve(self.blocks[0])
-        sink.write(self.blocks[0], first)
-        bar = _bar(progress, self.blocks, self.blocks[0].size)
-        for block in self.blocks[1:]:
-            sink.write(block, self.compute(block, strategy))
-            bar.update(block.size)
-        bar.close()
-        return sink.result()
-
-    def to_file(
-        self,
-        path: Path,
-        config: dict[str, Any],
-        resume: bool,
-        progress: bool,
-        rank: int,
-        world: int,
-    ) -> Any:
-        """The streamed, resumable, distributed run (see :func:`compute_to`)."""
-        state: dict[str, Any]
-        sink: BlockSink | None = None
-        if rank == 0:
-            try:
-                state, sink = self._prepare(path, config, resume)
-            except HesseError as exc:
-                state = {"error": type(exc).__name__, "message": str(exc)}
-            except KeyboardInterrupt:
-                state = {"error": "HesseError", "message": "interrupted"}
-                broadcast_json(state, rank, world)
-                raise
-        else:
-            state = {}
-        state = broadcast_json(state, rank, world)
-        if "error" in state:
-            raise getattr(errors, state["error"], HesseError)(state["message"])
-        config = state["config"]
-        per_block = config["per_block"]
-        self.blocks = make_blocks(self.spec.layout, per_block)
-        if sink is None:
-            sink = open_sink(
-                path,
-                self.spec.layout,
-                self.blocks,
-                create=False,
-                per_block=per_block,
-                name=self.spec.quantity,
-            )
-        todo = [self.blocks[i] for i in state["todo"]]
-        mine = todo[rank::world]
-        part = mf.Manifest(mf.manifest_path(path, rank), config)
-        done_before = sum(self.blocks[i].size for i in state["done"])
-        bar = _bar(progress and rank == 0, self.blocks, done_before) if todo else None
         try:
-            for block in mine:
-                data = self.compute(block, config["strategy"])
-                sink.write(block, data)
-                part.mark(block.id, mf.digest(data))
-                if bar is not None:
-                    _advance(bar, path, self.blocks, set(state["done"]))
-        except KeyboardInterrupt:
-            sink.close()
-            raise
-        if bar is not None:
+            with sink_errors(sink, "open"):
+                sink.open(self.spec.layout, self.blocks, True)
+            bar = _bar(progress, self.blocks, 0)
+            for i, block in enumerate(self.blocks):
+                data = first if i == 0 else self.compute(block, strategy)
+                with sink_errors(sink, f"write block {block.id}"):
+                    sink.write(block, data)
+                bar.update(block.size)
             bar.close()
-        barrier(world)
-        if rank == 0:
-            self._complete(path, sink)
-        barrier(world)
-        sink.close()
-        return sink.result()
-
-    def _prepare(
-        self, path: Path, config: dict[str, Any], resume: bool
-    ) -> tuple[dict[str, Any], BlockSink]:
-        """Rank 0: check or create the output; return the blocks still to do."""
-        present = [p for p in sink_paths(path) if p.exists()]
-        old = mf.read_all(path)
-        if (present or old is not None) and not resume:
-            raise OutputExistsError(
-                f"hesse compute: {path} already exists; pass --resume (resume=True) to "
-                "continue an interrupted run, or remove it"
-            )
-        if old is not None and present:
-            return self._reopen(path, config, old)
-        if present:
-            raise OutputExistsError(
-                f"hesse compute: {path} exists but has no manifest, so it is not a resumable "
-                "hesse output; remove it or choose another path"
-            )
-        mf.remove_all(path)
-        with os_errors(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        strategy, first = self.resolve(self.blocks[0])
-        config = {**config, "strategy": strategy}
-        sink = open_sink(
-            path,
-            self.spec.layout,
-            self.blocks,
-            create=True,
-            per_block=config["per_block"],
-            name=self.spec.quantity,
-        )
-        start = mf.Manifest(mf.manifest_path(path), config)
-        start.save()
-        sink.write(self.blocks[0], first)
-        start.mark(0, mf.digest(first))
-        todo = [b.id for b in self.blocks[1:]]
-        return {"config": config, "todo": todo, "done": [0]}, sink
-
-    def _reopen(
-        self, path: Path, config: dict[str, Any], old: mf.Manifest
-    ) -> tuple[dict[str, Any], BlockSink]:
-        """Rank 0, resuming: check the configuration, keep the blocks whose bytes match."""
-        if self.strategy not in ("auto", "timed") and old.config["strategy"] != self.strategy:
-            raise ResumeMismatchError(
-                f"hesse compute: {path} was computed with strategy "
-                f"{old.config.get('strategy')!r}, not {self.strategy!r}"
-            )
-        mine = {k: v for k, v in config.items() if k not in _IDENTITY_KEYS}
-        theirs = {k: v for k, v in old.config.items() if k not in _IDENTITY_KEYS}
-        if mine != theirs:
-            changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            raise ResumeMismatchError(
-                f"hesse compute: cannot resume {path}: the run differs from the interrupted "
-                f"one in {', '.join(changed)}; remove the output to start again"
-            )
-        if self.fixed_blocks and old.config["per_block"] != config["per_block"]:
-            raise ResumeMismatchError(
-                f"hesse compute: {path} was computed in blocks of {old.config['per_block']}, "
-                f"not {config['per_block']}"
-            )
-        config = old.config
-        self.blocks = make_blocks(self.spec.layout, config["per_block"])
-        sink = open_sink(
-            path,
-            self.spec.layout,
-            self.blocks,
-            create=False,
-            per_block=config["per_block"],
-            name=self.spec.quantity,
-        )
-        if old.complete:
-            return {"config": config, "todo": [], "done": sorted(old.done)}, sink
-        kept = {
-            i: d
-            for i, d in old.done.items()
-            if i < len(self.blocks) and mf.digest(sink.read(self.blocks[i])) == d
-        }
-        merged = mf.Manifest(mf.manifest_path(path), config, kept)
-        mf.consolidate(merged, path)
-        todo = [b.id for b in self.blocks if b.id not in kept]
-        return {"config": config, "todo": todo, "done": sorted(kept)}, sink
-
-    def _complete(self, path: Path, sink: BlockSink) -> None:
-        """Rank 0, at the end: check every block is recorded, finish the sink, merge."""
-        merged = mf.read_all(path)
-        assert merged is not None
-        missing = [b.id for b in self.blocks if b.id not in merged.done]
-        if missing:
-            raise HesseError(f"hesse compute: blocks {missing[:5]} were not written")
-        if not merged.complete:
-            sink.finish()
-            merged.complete = True
-        mf.consolidate(merged, path)
+            with sink_errors(sink, "finish"):
+                sink.finish()
+        finally:
+            with sink_errors(sink, "close"):
+                sink.close()
+        with sink_errors(sink, "return its result"):
+            return sink.result()

@@ -18,7 +18,7 @@ block the same way and gives the same bytes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,6 +54,10 @@ class Layout:
     def itemsize(self) -> int:
         """Bytes per entry."""
         return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    def with_samples(self, samples: int) -> Layout:
+        """The same layout with ``samples`` samples (a batched sample-block layout)."""
+        return replace(self, shape=(samples, *self.shape[1:]), samples=samples)
 
 
 @dataclass(frozen=True)

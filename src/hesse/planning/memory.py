@@ -127,7 +127,11 @@ def profile_forward(
         root = t._base if t._base is not None else t
         if not (root.is_leaf and root is not xin):  # weights are shared, not per item
             total += t.numel() * t.element_size()
-        return t
+        # NOTE: not ``t`` itself: an output saved by its own node and packed to itself is a
+        # reference cycle through C++ (tensor -> grad_fn -> saved tensor) that the garbage
+        # collector cannot see, so every call kept the forward's activations alive. The
+        # graph is never run backward; a detached alias is enough.
+        return t.detach()
 
     counter = FlopCounterMode(display=False)
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
