@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..engine.graph import CaptureError, Graph, build_graph
+from .refusals import known_refusal, remember_refusal
 
 _LOCK = threading.RLock()
 _LOCAL = threading.local()
@@ -207,8 +208,13 @@ def capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Bound
 
 
 def try_capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Bound | str:
-    """:func:`capture`, or the reason it failed."""
+    """:func:`capture`, or the reason it failed (not tried again while the model's
+    structure is unchanged, see :mod:`.refusals`)."""
+    known = known_refusal(f, x)
+    if known is not None:
+        return known
     try:
         return capture(f, x)
     except CaptureError as exc:
+        remember_refusal(f, x, str(exc))
         return str(exc)
