@@ -188,7 +188,7 @@ def test_settings_refuse_other_compile_values(value: object) -> None:
 
 def test_auto_keeps_a_program_eager_when_x_requires_grad(cheap: None) -> None:
     """A compiled backward cannot be differentiated again: d(lap)/dx must stay differentiable."""
-    model = _model(5)
+    model = _model(5, width=7)  # its own capture: the failed compile above is kept on its own
     x = torch.rand(5, 2, dtype=DT, requires_grad=True)
     for call in range(8):  # past the point where the cheap rule would compile
         lap = hesse.laplacian(model, x, **KW)

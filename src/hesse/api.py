@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .io import Sink
 
 from .front import plan_of, run
 from .planning.plan import Plan, Request
@@ -46,7 +50,7 @@ def jacobian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike | Sink | None = None,
     resume: bool = False,
     args: tuple = (),
     kwargs: dict | None = None,
@@ -68,8 +72,11 @@ def jacobian(
         create_graph: Keep the graph so the result can be differentiated again.
         progress: Show a progress bar over the steps.
         out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
-            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
-            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+            or ``"H.safetensors"``, or a :class:`hesse.io.Sink` object, block by block
+            within ``max_memory``, with a manifest of finished blocks (see
+            :func:`hesse.io.compute_to`); returns its handle. With ``out``, ``x`` may
+            also be a NumPy memmap, a zarr array or an iterable of batches (e.g. a
+            ``DataLoader``; ``batched=True``), streamed through.
         resume: With ``out``, skip the blocks an interrupted run already finished.
         args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
             lists, conditioning inputs): passed unchanged to every call, not
@@ -107,7 +114,7 @@ def hessian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike | Sink | None = None,
     resume: bool = False,
     args: tuple = (),
     kwargs: dict | None = None,
@@ -131,8 +138,11 @@ def hessian(
         create_graph: Keep the graph so the Hessian can be differentiated again.
         progress: Show a progress bar over the steps.
         out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
-            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
-            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+            or ``"H.safetensors"``, or a :class:`hesse.io.Sink` object, block by block
+            within ``max_memory``, with a manifest of finished blocks (see
+            :func:`hesse.io.compute_to`); returns its handle. With ``out``, ``x`` may
+            also be a NumPy memmap, a zarr array or an iterable of batches (e.g. a
+            ``DataLoader``; ``batched=True``), streamed through.
         resume: With ``out``, skip the blocks an interrupted run already finished.
         args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
             lists, conditioning inputs): passed unchanged to every call, not

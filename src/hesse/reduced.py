@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .io import Sink
 
 from .front import run
 from .planning.plan import Request
@@ -70,7 +74,7 @@ def hessian_diag(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike | Sink | None = None,
     resume: bool = False,
     args: tuple = (),
     kwargs: dict | None = None,
@@ -89,8 +93,11 @@ def hessian_diag(
         create_graph: Keep the graph so the diagonal can be differentiated again.
         progress: Show a progress bar over the steps.
         out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
-            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
-            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+            or ``"H.safetensors"``, or a :class:`hesse.io.Sink` object, block by block
+            within ``max_memory``, with a manifest of finished blocks (see
+            :func:`hesse.io.compute_to`); returns its handle. With ``out``, ``x`` may
+            also be a NumPy memmap, a zarr array or an iterable of batches (e.g. a
+            ``DataLoader``; ``batched=True``), streamed through.
         resume: With ``out``, skip the blocks an interrupted run already finished.
         args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
             lists, conditioning inputs): passed unchanged to every call, not
@@ -134,7 +141,7 @@ def laplacian(
     max_memory: Memory = None,
     create_graph: bool = False,
     progress: bool = False,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike | Sink | None = None,
     resume: bool = False,
     args: tuple = (),
     kwargs: dict | None = None,
@@ -153,8 +160,11 @@ def laplacian(
         create_graph: Keep the graph, e.g. to train a PINN on a Laplacian residual.
         progress: Show a progress bar over the steps.
         out: Stream the result into a file instead of memory: ``"H.npy"``, ``"H.zarr"``
-            or ``"H.safetensors"``, block by block within ``max_memory``, with a manifest
-            of finished blocks (see :func:`hesse.io.compute_to`); returns its handle.
+            or ``"H.safetensors"``, or a :class:`hesse.io.Sink` object, block by block
+            within ``max_memory``, with a manifest of finished blocks (see
+            :func:`hesse.io.compute_to`); returns its handle. With ``out``, ``x`` may
+            also be a NumPy memmap, a zarr array or an iterable of batches (e.g. a
+            ``DataLoader``; ``batched=True``), streamed through.
         resume: With ``out``, skip the blocks an interrupted run already finished.
         args: Fixed extra positional arguments of ``f`` after ``x`` (species, neighbour
             lists, conditioning inputs): passed unchanged to every call, not
