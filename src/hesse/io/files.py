@@ -60,7 +60,22 @@ def _shard_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-class NpySink(Sink):
+class _PathSink(Sink):
+    """A sink writing one file or folder at :attr:`path`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        """Whether the file or folder exists."""
+        return self.path.exists()
+
+    def discard(self) -> None:
+        """Delete what :meth:`open` created."""
+        _discard(self.path)
+
+
+class NpySink(_PathSink):
     """A ``.npy`` file holding the result in its public shape.
 
     The file is created with :func:`numpy.lib.format.open_memmap` (header and size), and
@@ -73,17 +88,6 @@ class NpySink(Sink):
     """
 
     kind = "npy"  # type: ignore[assignment]
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def exists(self) -> bool:
-        """Whether the file exists."""
-        return self.path.exists()
-
-    def discard(self) -> None:
-        """Delete what :meth:`open` created."""
-        _discard(self.path)
 
     def open(self, layout: Layout, blocks: Sequence[Block], create: bool) -> None:
         """Create the file (header, size reserved on disk) or check an existing one."""
@@ -177,7 +181,7 @@ def _open_npy(path: Path, layout: Layout) -> int:
     return int(mm.offset)
 
 
-class ZarrSink(Sink):
+class ZarrSink(_PathSink):
     """A zarr v3 array, one chunk per block (one block per chunk file).
 
     Sample blocks are stored in the result's public shape. Row blocks of a Hessian are
@@ -194,15 +198,7 @@ class ZarrSink(Sink):
 
     def __init__(self, path: Path):
         require("zarr", "hesse compute")
-        self.path = Path(path)
-
-    def exists(self) -> bool:
-        """Whether the folder exists."""
-        return self.path.exists()
-
-    def discard(self) -> None:
-        """Delete what :meth:`open` created."""
-        _discard(self.path)
+        super().__init__(path)
 
     def open(self, layout: Layout, blocks: Sequence[Block], create: bool) -> None:
         """Create the array (chunks of one block) or open an existing one."""

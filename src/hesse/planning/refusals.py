@@ -42,10 +42,15 @@ def _module_structure(model: nn.Module) -> tuple:
         for name, m in model.named_modules()
     )
     tensors = tuple(
-        (name, tuple(t.shape), t.dtype)
+        (name, _shape(t), t.dtype)
         for name, t in (*model.named_parameters(), *model.named_buffers())
     )
     return modules, tensors
+
+
+def _shape(t: torch.Tensor) -> tuple | None:
+    """The shape, or None for a lazy module's uninitialised parameter."""
+    return None if isinstance(t, nn.parameter.UninitializedTensorMixin) else tuple(t.shape)
 
 
 def _function_structure(f: Callable) -> tuple:
@@ -66,8 +71,8 @@ def _owner_and_key(f: Callable, x: torch.Tensor) -> tuple[object, Hashable] | No
     """The object to keep the refusal on and the structure it is keyed under."""
     extra: tuple = ()
     while isinstance(f, WithArguments):
-        extra += (
-            tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else id(a))
+        extra += tuple(
+            (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else id(a)
             for a in (*f.args, *f.kwargs.values())
         )
         f = f.f
