@@ -231,6 +231,50 @@ def _taylor(
     return result
 
 
+def directional_pass(
+    graph: Graph,
+    inputs: tuple,
+    x: torch.Tensor,
+    to_model: Callable[[torch.Tensor], torch.Tensor],
+    index: torch.Tensor | None,
+    directions: torch.Tensor,
+    differentiable: bool = False,
+) -> torch.Tensor:
+    """``v_k^T H v_k`` for given directions by Taylor mode from the input: ``(s, m, K)``.
+
+    The tangents start as the directions instead of the identity, and the diagonal pairs
+    ``(k, k)`` give one second-order coefficient per direction (NOTE: [Taylor mode]).
+
+    Args:
+        graph: The captured model.
+        inputs: The values of the graph's inputs (parameters, buffers, ...).
+        x: Flat inputs of the sub-batch, ``(s, n)``.
+        to_model: Reshapes ``(s, n)`` to the model's input layout.
+        index: Flat indices of the selected outputs (``None``: all).
+        directions: ``(K, s, n)``, best stored batch-major (NOTE: [batch-major tangents]).
+        differentiable: Keep the result in autograd's graph.
+
+    Raises:
+        NoTaylorRule: A curved op has no closed Taylor rule.
+    """
+    k, s = directions.shape[0], x.shape[0]
+    xin = to_model(x if differentiable else x.detach())
+    if graph.input_node is None:  # the model does not read its input
+        zeros = _zeros(graph, inputs, s, 1, index, frozenset({"laplacian"}), x)["laplacian"]
+        return zeros[..., None].expand(*zeros.shape, k)
+    env = graph.env(inputs, xin)
+    seed = Seed(graph.input_node, k, None, directions.reshape(k, *xin.shape))
+    pairs = (torch.arange(k, device=x.device),) * 2
+    with torch.enable_grad() if differentiable else torch.no_grad():
+        res = forward(
+            graph, env, seed, jacobian=True, taylor=(pairs,), differentiable=differentiable
+        )
+    coeffs = res.second.reshape(k, s, -1)  # type: ignore[union-attr]
+    if index is not None:
+        coeffs = coeffs.index_select(2, index)
+    return coeffs.permute(1, 2, 0)
+
+
 def _adjoints(
     y: torch.Tensor, outputs: list[torch.Tensor], differentiable: bool = False
 ) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,180 @@
+"""laplacian_estimate on the engine's Taylor mode from random directions, and its fallback.
+
+Every engine result is compared with ``jvp`` of ``jvp`` (the path taken without the
+engine) on the same draws, and with ``v^T H v`` from ``torch.func.hessian``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, vmap
+
+import hesse
+from hesse.curvature import _directional, estimators
+from hesse.planning.problem import build_problem
+
+
+def mlp(d: int = 24, out: int = 2, norm: str | None = None) -> nn.Module:
+    torch.manual_seed(3)
+    mid = {None: [], "layernorm": [nn.LayerNorm(16)], "softmax": [nn.Softmax(-1)]}[norm]
+    layers = [nn.Linear(d, 16), *mid, nn.Tanh(), nn.Linear(16, 16), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(16, out)).double()
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Runs ``laplacian_estimate`` on the engine (asserted) and on ``jvp`` of ``jvp``."""
+    used: list[bool] = []
+
+    def spy(*args):
+        second = _directional.engine_second(*args)
+        used.append(second is not None)
+        return second
+
+    def run(f, x, engine: bool, seed: int = 0, **kw):
+        used.clear()
+        if engine:
+            monkeypatch.setattr(estimators, "engine_second", spy)
+        else:
+            monkeypatch.setattr(estimators, "engine_second", lambda *a: None)
+        g = torch.Generator().manual_seed(seed)
+        est = hesse.laplacian_estimate(f, x, generator=g, **kw)
+        return est, used[:]
+
+    return run
+
+
+def _vhv(f, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``v_k^T H_bm v_k`` from torch.func: ``(B, m, K)`` for ``V`` ``(K, B, n)``."""
+    H = vmap(torch.func.jacfwd(torch.func.jacrev(f)))(x)  # (B, m, n, n)
+    return torch.einsum("kbi,bmij,kbj->bmk", V, H, V)
+
+
+@pytest.mark.parametrize("output", [None, 1, [1, 0]])
+def test_per_direction_values_are_v_h_v(output):
+    f = mlp()
+    x = torch.randn(5, 24)
+    problem = build_problem("test", f, x, output, True)
+    second = _directional.engine_second(problem, False)
+    assert second is not None
+    V = torch.randint(0, 2, (7, 5, 24), generator=torch.Generator().manual_seed(1)) * 2.0 - 1
+    got = second(V)  # (B, K, m)
+    want = _vhv(f, x, V)
+    if output is not None:
+        want = want[:, torch.as_tensor(output).reshape(-1)]
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(batched=True, num_samples=13),
+        dict(batched=True, num_samples=9, output=1),
+        dict(batched=True, rtol=0.3, atol=0.02),
+        dict(batched=True, num_samples=11, sigma="shared"),
+        dict(batched=True, atol=0.3, sigma="per-sample"),
+        dict(batched=False, num_samples=12, output=0),
+    ],
+    ids=["fixed", "output", "rtol", "sigma", "sigma-adaptive", "one-sample"],
+)
+def test_engine_estimate_equals_the_jvp_estimate(paths, kw):
+    f = mlp(60)
+    x = torch.randn(6, 60)
+    if not kw["batched"]:
+        x = x[0]
+    if kw.get("sigma") == "shared":
+        kw["sigma"] = torch.randn(60, 40)
+    elif kw.get("sigma") == "per-sample":
+        kw["sigma"] = torch.randn(6, 60, 40)
+    new, used = paths(f, x, True, **kw)
+    old, _ = paths(f, x, False, **kw)
+    assert used == [True] and not new.exact and new.method == "hutchinson"
+    torch.testing.assert_close(new.value, old.value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(new.stderr, old.stderr, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.as_tensor(new.matvecs), torch.as_tensor(old.matvecs))
+    assert torch.equal(torch.as_tensor(new.samples), torch.as_tensor(old.samples))
+
+
+def test_estimate_is_the_mean_of_v_h_v(paths):
+    f = mlp(out=1)
+    x = torch.randn(4, 24)
+    est, used = paths(f, x, True, batched=True, num_samples=23, seed=5)
+    assert used == [True] and est.matvecs == 23 and est.samples == 23
+    g = torch.Generator().manual_seed(5)
+    V = torch.cat([torch.randint(0, 2, (k, 4, 24), generator=g) for k in (10, 10, 3)]) * 2.0 - 1
+    vals = _vhv(f, x, V)  # (4, 1, 23)
+    torch.testing.assert_close(est.value, vals.mean(-1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(est.stderr, vals.std(-1) / 23**0.5, rtol=1e-10, atol=1e-10)
+
+
+def test_exact_switch_does_not_use_the_engine(paths):
+    f = mlp(6)
+    x = torch.randn(3, 6)
+    est, used = paths(f, x, True, batched=True, num_samples=8)
+    assert used == [] and est.exact
+    torch.testing.assert_close(est.value, hesse.laplacian(f, x, batched=True))
+
+
+@pytest.mark.parametrize("op", ["softmax", "layernorm"])
+def test_fallback_where_the_engine_cannot_run(paths, op):
+    """An op without a closed Taylor rule: jvp of jvp, as before."""
+    f = mlp(norm=op)
+    x = torch.randn(4, 24)
+    new, used = paths(f, x, True, batched=True, num_samples=12)
+    old, _ = paths(f, x, False, batched=True, num_samples=12)
+    assert used == [False]
+    torch.testing.assert_close(new.value, old.value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(new.stderr, old.stderr, rtol=1e-10, atol=1e-10)
+    if op == "layernorm":
+        return  # jvp of jvp through layer_norm is wrong in torch 2.13 (pytorch#196700)
+    g = torch.Generator().manual_seed(0)
+    V = torch.cat([torch.randint(0, 2, (k, 4, 24), generator=g) for k in (10, 2)]) * 2.0 - 1
+    torch.testing.assert_close(new.value, _vhv(f, x, V).mean(-1), rtol=1e-9, atol=1e-9)
+
+
+def test_fallback_when_the_engine_fails_mid_pass(paths, monkeypatch):
+    """A failure inside the pass: jvp of jvp on the same draws (the generator rewound)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(_directional, "directional_pass", broken)
+    f = mlp()
+    x = torch.randn(4, 24)
+    new, used = paths(f, x, True, batched=True, num_samples=12)
+    monkeypatch.undo()
+    old, _ = paths(f, x, False, batched=True, num_samples=12)
+    assert used == [True]
+    torch.testing.assert_close(new.value, old.value, rtol=1e-10, atol=1e-10)
+
+
+def test_create_graph_gradients_match_the_jvp_path(paths):
+    f = mlp(out=1)
+    x = torch.randn(4, 24, requires_grad=True)
+    params = list(f.parameters())
+    grads = []
+    for engine in (True, False):
+        est, used = paths(f, x, engine, batched=True, num_samples=14, create_graph=True)
+        assert est.value.requires_grad and used == ([True] if engine else [])
+        loss = (est.value**2).mean() + est.stderr.sum()
+        grads.append(
+            torch.autograd.grad(loss, [x, *params], allow_unused=True, materialize_grads=True)
+        )
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    # and the weights' gradient of the estimate is that of mean_k v_k^T H v_k
+    est, _ = paths(f, x, True, batched=True, num_samples=14, create_graph=True, seed=9)
+    got = torch.autograd.grad(est.value.sum(), params, allow_unused=True, materialize_grads=True)
+    g = torch.Generator().manual_seed(9)
+    V = torch.cat([torch.randint(0, 2, (k, 4, 24), generator=g) for k in (10, 4)]) * 2.0 - 1
+    named = dict(f.named_parameters())
+
+    def loss_of(p):
+        H = vmap(hessian(lambda xi: functional_call(f, p, (xi,))[0]))(x.detach())
+        return torch.einsum("kbi,bij,kbj->", V, H, V) / 14
+
+    want = torch.func.grad(loss_of)(named)
+    for a, (name, b) in zip(got, want.items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
