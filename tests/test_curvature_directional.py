@@ -52,9 +52,21 @@ def _vhv(f, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return torch.einsum("kbi,bmij,kbj->bmk", V, H, V)
 
 
+class Product(nn.Module):
+    """Two branches multiplied (the bilinear rule's Taylor coefficients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = mlp(out=3), nn.Linear(24, 3).double()
+
+    def forward(self, x):
+        return self.a(x) * torch.sin(self.b(x))
+
+
 @pytest.mark.parametrize("output", [None, 1, [1, 0]])
-def test_per_direction_values_are_v_h_v(output):
-    f = mlp()
+@pytest.mark.parametrize("model", ["mlp", "product"])
+def test_per_direction_values_are_v_h_v(output, model):
+    f = mlp() if model == "mlp" else Product()
     x = torch.randn(5, 24)
     problem = build_problem("test", f, x, output, True)
     second = _directional.engine_second(problem, False)

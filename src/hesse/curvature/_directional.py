@@ -39,7 +39,6 @@ def engine_second(problem: Problem, create_graph: bool) -> Second | None:
         return t.reshape((t.shape[0], *shape) if problem.batched else shape)
 
     def second(v: torch.Tensor) -> torch.Tensor:
-        v = v.transpose(0, 1).contiguous().transpose(0, 1)  # batch-major tangents
         out = directional_pass(graph, bound.inputs, xf, to_model, problem.index, v, create_graph)
         return out.transpose(1, 2)
 

@@ -230,9 +230,22 @@ def _rng(generator: torch.Generator | None, like: torch.Tensor) -> torch.Generat
     return torch.default_generator
 
 
+def _blocks(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None):
+    """Rademacher ``(k, B, r)`` in one buffer, ``BLOCK`` rows at a time.
+
+    The values of :func:`random_start`'s draws of ``BLOCK`` rows each, without copies.
+    """
+    where = generator.device if generator is not None else like.device
+    z = torch.empty(shape, dtype=like.dtype, device=where)
+    for i in range(0, shape[0], BLOCK):
+        z[i : i + BLOCK].random_(0, 2, generator=generator)
+    return z.mul_(2).sub_(1).to(like.device)
+
+
 def _hutchinson(
     second: Callable[[torch.Tensor], torch.Tensor], draw: Callable[[int], torch.Tensor],
-    problem: Problem, r: int, num: int | None, rtol: float, atol: float, whole: bool,
+    problem: Problem, r: int, num: int | None, rtol: float, atol: float,
+    generator: torch.Generator | None = None, whole: bool = False,
 ) -> Estimate:  # fmt: skip
     """Mean of ``second(z)`` over ``num`` directions (or to a tolerance), else exact.
 
@@ -251,8 +264,7 @@ def _hutchinson(
     whole = whole and num is not None
 
     def sample(k: int) -> torch.Tensor:
-        z = torch.cat([draw(min(BLOCK, k - i)) for i in range(0, k, BLOCK)]) if whole else draw(k)
-        return second(z)
+        return second(_blocks((k, B, r), xf, generator) if whole else draw(k))
 
     run = sample_loop(sample, B, (problem.m,), xf, num, rtol, atol, num if whole else BLOCK, r)
     if num is None and not bool(run.done.all()):  # past r directions the exact sum is cheaper
@@ -334,13 +346,15 @@ def laplacian_estimate(
         state = rng.get_state()
         try:
             with grad_mode:
-                est = _hutchinson(lambda z: engine(to_dirs(z)), draw, problem, r, num, rt, at, True)
+                est = _hutchinson(
+                    lambda z: engine(to_dirs(z)), draw, problem, r, num, rt, at, generator, True
+                )
         except Exception:
             rng.set_state(state)  # the same draws
     try:
         if est is None:
             with grad_mode:
-                est = _hutchinson(by_jvp, draw, problem, r, num, rt, at, False)
+                est = _hutchinson(by_jvp, draw, problem, r, num, rt, at)
     except UnsupportedInputError:
         raise
     except Exception as exc:

@@ -10,7 +10,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .graph import Graph
-from .rules.base import NoTaylorRule
+from .rules.base import NoTaylorRule, diagonal_pairs
 from .rules.tuples import accumulate
 from .tangents import Record, Seed, find_seed, forward
 
@@ -198,7 +198,7 @@ def _taylor(
     if kind == "laplacian":
         pairs = None
     elif kind == "diag":
-        pairs = (torch.arange(d, device=x.device),) * 2
+        pairs = diagonal_pairs(d, x.device)
     else:
         iu = torch.triu_indices(d, d, device=x.device)
         pairs = (iu[0], iu[1])
@@ -251,7 +251,7 @@ def directional_pass(
         x: Flat inputs of the sub-batch, ``(s, n)``.
         to_model: Reshapes ``(s, n)`` to the model's input layout.
         index: Flat indices of the selected outputs (``None``: all).
-        directions: ``(K, s, n)``, best stored batch-major (NOTE: [batch-major tangents]).
+        directions: ``(K, s, n)``.
         differentiable: Keep the result in autograd's graph.
 
     Raises:
@@ -264,7 +264,7 @@ def directional_pass(
         return zeros[..., None].expand(*zeros.shape, k)
     env = graph.env(inputs, xin)
     seed = Seed(graph.input_node, k, None, directions.reshape(k, *xin.shape))
-    pairs = (torch.arange(k, device=x.device),) * 2
+    pairs = diagonal_pairs(k, x.device)
     with torch.enable_grad() if differentiable else torch.no_grad():
         res = forward(
             graph, env, seed, jacobian=True, taylor=(pairs,), differentiable=differentiable
