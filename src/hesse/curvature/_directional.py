@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..engine import CaptureError, directional_pass
+from ..engine import CaptureError, GraphCost, directional_pass
 from ..planning.problem import Problem
 from ..strategies.structured import cost
 
@@ -22,14 +22,14 @@ Second = Callable[[torch.Tensor], torch.Tensor]
 def engine_second(problem: Problem, create_graph: bool) -> Second | None:
     """``V`` ``(k, B, n) -> (B, k, m)``, ``v^T H v`` per direction, or None.
 
-    None where the engine cannot take the model: it was not captured, or a curved op
-    has no closed Taylor rule (the caller then uses ``jvp`` of ``jvp``).
+    None where the engine cannot take the model (it was not captured); the caller then
+    uses ``jvp`` of ``jvp``. Each call picks the engine's mode by :func:`mode`.
     """
     bound = problem.anchor
     try:
-        if bound is None or not cost(problem).taylor:
+        if bound is None:
             return None
-        graph = bound.graph
+        graph, facts = bound.graph, cost(problem)
     except CaptureError:
         return None
     shape = tuple(problem.in_shape)
@@ -39,7 +39,25 @@ def engine_second(problem: Problem, create_graph: bool) -> Second | None:
         return t.reshape((t.shape[0], *shape) if problem.batched else shape)
 
     def second(v: torch.Tensor) -> torch.Tensor:
-        out = directional_pass(graph, bound.inputs, xf, to_model, problem.index, v, create_graph)
+        how = mode(facts, problem.m, v.shape[0])
+        out = directional_pass(
+            graph, bound.inputs, xf, to_model, problem.index, v, how, create_graph
+        )
         return out.transpose(1, 2)
 
     return second
+
+
+def mode(facts: GraphCost, m: int, k: int) -> str:
+    """``"gram"`` or ``"taylor"`` for ``k`` directions and ``m`` outputs.
+
+    Both push the ``k`` tangents. Taylor mode adds ``k`` coefficients through every layer
+    (about ``k`` forward passes); the Gram form one backward pass per output (about two
+    forward passes) and ``k`` elementwise products per curved entry and output. Ops
+    without a closed Taylor rule leave the Gram form (generic terms).
+    """
+    if not facts.taylor:
+        return "gram"
+    f = facts.forward_macs
+    terms = sum(facts.term_sizes) + 10 * sum(facts.generic_sizes)
+    return "gram" if m * (2 * f + k * terms) <= k * f else "taylor"
