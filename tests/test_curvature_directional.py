@@ -83,8 +83,9 @@ def test_per_direction_values_are_v_h_v(output, model, engine_mode):
     f = Product() if model == "product" else mlp(norm=None if model == "mlp" else model)
     x = torch.randn(5, 24)
     problem = build_problem("test", f, x, output, True)
-    second = _directional.engine_second(problem, False)
-    assert second is not None
+    engine = _directional.engine_second(problem, False)
+    assert engine is not None
+    second = engine[0]
     V = torch.randint(0, 2, (7, 5, 24), generator=torch.Generator().manual_seed(1)) * 2.0 - 1
     got = second(V)  # (B, K, m)
     want = _vhv(f, x, V)
@@ -121,6 +122,22 @@ def test_engine_estimate_equals_the_jvp_estimate(paths, kw, engine_mode):
     torch.testing.assert_close(new.stderr, old.stderr, rtol=1e-10, atol=1e-10)
     assert torch.equal(torch.as_tensor(new.matvecs), torch.as_tensor(old.matvecs))
     assert torch.equal(torch.as_tensor(new.samples), torch.as_tensor(old.samples))
+
+
+@pytest.mark.parametrize("kw", [dict(num_samples=33), dict(atol=0.3)], ids=["fixed", "atol"])
+def test_passes_in_chunks_of_directions(paths, monkeypatch, kw):
+    """More directions than fit in a pass: several passes, the same draws and estimate."""
+    f = mlp(60)
+    x = torch.randn(6, 60)
+    problem = build_problem("test", f, x, None, True)
+    facts = _directional.cost(problem)
+    monkeypatch.setattr(_directional, "PASS_BYTES", 7 * 6 * max(facts.total_size, 60) * 8)
+    assert _directional.engine_second(problem, False)[1] == 7
+    new, used = paths(f, x, True, batched=True, **kw)
+    old, _ = paths(f, x, False, batched=True, **kw)
+    assert used == [True] and not new.exact
+    torch.testing.assert_close(new.value, old.value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(new.stderr, old.stderr, rtol=1e-10, atol=1e-10)
 
 
 def test_estimate_is_the_mean_of_v_h_v(paths):

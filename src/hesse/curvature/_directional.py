@@ -19,11 +19,15 @@ from ..strategies.structured import cost
 Second = Callable[[torch.Tensor], torch.Tensor]
 
 
-def engine_second(problem: Problem, create_graph: bool) -> Second | None:
-    """``V`` ``(k, B, n) -> (B, k, m)``, ``v^T H v`` per direction, or None.
+PASS_BYTES = 1 << 28  # tangents of one pass through every node; more directions: chunks
+
+
+def engine_second(problem: Problem, create_graph: bool) -> tuple[Second, int] | None:
+    """``V`` ``(k, B, n) -> (B, k, m)``, ``v^T H v`` per direction, and directions per pass.
 
     None where the engine cannot take the model (it was not captured); the caller then
-    uses ``jvp`` of ``jvp``. Each call picks the engine's mode by :func:`mode`.
+    uses ``jvp`` of ``jvp``. Each pass picks the engine's mode by :func:`mode`; more
+    directions than fit in ``PASS_BYTES`` of tangents run in several passes.
     """
     bound = problem.anchor
     try:
@@ -38,14 +42,22 @@ def engine_second(problem: Problem, create_graph: bool) -> Second | None:
     def to_model(t: torch.Tensor) -> torch.Tensor:
         return t.reshape((t.shape[0], *shape) if problem.batched else shape)
 
-    def second(v: torch.Tensor) -> torch.Tensor:
+    def one(v: torch.Tensor) -> torch.Tensor:
         how = mode(facts, problem.m, v.shape[0])
         out = directional_pass(
             graph, bound.inputs, xf, to_model, problem.index, v, how, create_graph
         )
         return out.transpose(1, 2)
 
-    return second
+    entries = problem.batch * max(facts.total_size, problem.n) * xf.element_size()
+    per_pass = max(1, PASS_BYTES // entries)
+
+    def second(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[0] <= per_pass:
+            return one(v)
+        return torch.cat([one(part) for part in v.split(per_pass)], dim=1)
+
+    return second, per_pass
 
 
 def mode(facts: GraphCost, m: int, k: int) -> str:

@@ -245,12 +245,13 @@ def _blocks(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generat
 def _hutchinson(
     second: Callable[[torch.Tensor], torch.Tensor], draw: Callable[[int], torch.Tensor],
     problem: Problem, r: int, num: int | None, rtol: float, atol: float,
-    generator: torch.Generator | None = None, whole: bool = False,
+    generator: torch.Generator | None = None, per_call: int | None = None,
 ) -> Estimate:  # fmt: skip
     """Mean of ``second(z)`` over ``num`` directions (or to a tolerance), else exact.
 
-    ``whole``: a fixed budget in one call of ``second``, drawn ``BLOCK`` at a time as
-    the default's blocks are (the same directions).
+    ``per_call``: a fixed budget in calls of ``second`` of up to ``per_call`` directions
+    (rounded to ``BLOCK``), drawn ``BLOCK`` at a time as the default's blocks are (the
+    same directions).
     """
     B, xf = problem.batch, problem.x
 
@@ -261,12 +262,14 @@ def _hutchinson(
 
     if r <= (num if num is not None else BLOCK):
         return exact()
-    whole = whole and num is not None
+    whole, block = False, BLOCK
+    if per_call is not None and num is not None:
+        whole, block = True, min(num, max(BLOCK, per_call // BLOCK * BLOCK))
 
     def sample(k: int) -> torch.Tensor:
         return second(_blocks((k, B, r), xf, generator) if whole else draw(k))
 
-    run = sample_loop(sample, B, (problem.m,), xf, num, rtol, atol, num if whole else BLOCK, r)
+    run = sample_loop(sample, B, (problem.m,), xf, num, rtol, atol, block, r)
     if num is None and not bool(run.done.all()):  # past r directions the exact sum is cheaper
         return exact()
     return Estimate(run.mean, run.stderr, run.matvecs, run.count, False, "hutchinson")
@@ -341,14 +344,16 @@ def laplacian_estimate(
     grad_mode = torch.enable_grad() if create_graph else torch.no_grad()
     engine = None if r <= (num or BLOCK) else engine_second(problem, create_graph)
     est = None
-    if engine is not None:  # one Taylor pass of the engine; any failure: jvp of jvp
+    if engine is not None:  # the engine from the directions; any failure: jvp of jvp
         rng = _rng(generator, xf)
         state = rng.get_state()
+        on_engine, per_pass = engine
         try:
             with grad_mode:
                 est = _hutchinson(
-                    lambda z: engine(to_dirs(z)), draw, problem, r, num, rt, at, generator, True
-                )
+                    lambda z: on_engine(to_dirs(z)), draw, problem, r, num, rt, at, generator,
+                    per_pass,
+                )  # fmt: skip
         except Exception:
             rng.set_state(state)  # the same draws
     try:
