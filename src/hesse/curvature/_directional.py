@@ -1,9 +1,9 @@
-"""``v^T H v`` for many directions from the structured engine's Taylor mode.
+"""``v^T H v`` for many directions from the structured engine.
 
-:func:`hesse.laplacian_estimate` uses it when the engine runs the model: the tangents
-start as the random directions (not the identity), and one forward pass pushes one
-second-order coefficient per direction (NOTE: [Taylor mode] in
-:mod:`hesse.engine.rules.base`), with no ``vmap`` over directions.
+:func:`hesse.laplacian_estimate` uses it when the engine captures the model: the tangents
+start as the random directions (not the identity), and one pass gives one value per
+direction, in the Gram form or Taylor mode (:func:`hesse.engine.modes.directional_pass`),
+with no ``vmap`` over directions.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 products (one batched product per step for all samples). :func:`laplacian_estimate` is
 for PINN losses: forward mode only, ``v^T H v`` as the second derivative of
 ``t -> f(x + t v)`` at 0, with no backward pass, so the estimate stays differentiable with
-``create_graph=True``: one Taylor pass of the structured engine for all directions
+``create_graph=True``: one pass of the structured engine for all directions
 (:mod:`._directional`), or ``jvp`` of ``jvp`` where the engine cannot run the model.
 """
 
@@ -293,10 +293,10 @@ def laplacian_estimate(
 
     Each sample is ``v^T H v``, the second derivative of ``t -> f(x + t v)`` at 0, with
     Rademacher ``v``; with ``sigma`` (``C = S S^T``), ``v = S z``. Where the structured
-    engine captures the model and has a Taylor rule for every curved op, one forward
-    pass from the directions gives every ``v^T H v`` (a fixed budget in one pass);
-    otherwise ``torch.func.jvp`` of ``jvp``, vectorised over directions, on the same
-    draws (the same estimate up to rounding). When the ``n`` coordinate directions
+    engine captures the model, the directions are its tangents and one pass gives every
+    ``v^T H v`` (a fixed budget in one pass, up to a memory cap); otherwise
+    ``torch.func.jvp`` of ``jvp``, vectorised over directions, on the same draws (the
+    same estimate up to rounding). When the ``n`` coordinate directions
     (``r`` columns of ``S``) are no more than the samples asked for, their exact sum is
     returned (``exact=True``), by the same forward-mode code.
 
