@@ -200,6 +200,20 @@ def test_fallback_where_the_engine_cannot_run(paths):
     torch.testing.assert_close(new.value, _vhv(f, x, V).mean(-1), rtol=1e-9, atol=1e-9)
 
 
+def test_fallback_when_the_engine_cannot_analyse_the_model(paths, monkeypatch):
+    def broken(problem):
+        raise RuntimeError("cost pass failed")
+
+    monkeypatch.setattr(_directional, "cost", broken)
+    f = mlp()
+    x = torch.randn(4, 24)
+    new, used = paths(f, x, True, batched=True, num_samples=12)
+    monkeypatch.undo()
+    old, _ = paths(f, x, False, batched=True, num_samples=12)
+    assert used == [False]
+    torch.testing.assert_close(new.value, old.value, rtol=1e-10, atol=1e-10)
+
+
 def test_fallback_when_the_engine_fails_mid_pass(paths, monkeypatch):
     """A failure inside the pass: jvp of jvp on the same draws (the generator rewound)."""
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..engine import CaptureError, GraphCost, directional_pass
+from ..engine import GraphCost, directional_pass
 from ..planning.problem import Problem
 from ..strategies.structured import cost
 
@@ -34,7 +34,7 @@ def engine_second(problem: Problem, create_graph: bool) -> tuple[Second, int] | 
         if bound is None:
             return None
         graph, facts = bound.graph, cost(problem)
-    except CaptureError:
+    except Exception:  # CaptureError, or anything the engine's analysis trips on
         return None
     shape = tuple(problem.in_shape)
     xf = problem.x
