@@ -161,10 +161,11 @@ def test_exact_switch_does_not_use_the_engine(paths):
 
 
 def test_modes_by_cost():
-    """One output: the Gram form; many outputs: Taylor mode; no Taylor rule: Gram."""
-    facts = _directional.cost(build_problem("test", mlp(), torch.randn(3, 24), None, True))
+    """Few outputs of a wide model: the Gram form; many: Taylor mode; no Taylor rule: Gram."""
+    wide = nn.Sequential(nn.Linear(200, 128), nn.Tanh(), nn.Linear(128, 60)).double()
+    facts = _directional.cost(build_problem("test", wide, torch.randn(3, 200), None, True))
     assert _directional.mode(facts, 1, 64) == "gram"
-    assert _directional.mode(facts, 200, 64) == "taylor"
+    assert _directional.mode(facts, 60, 64) == "taylor"
     ln = build_problem("test", mlp(norm="layernorm"), torch.randn(3, 24), None, True)
     assert _directional.mode(_directional.cost(ln), 200, 64) == "gram"
 

@@ -19,6 +19,10 @@ from ..strategies.structured import cost
 Second = Callable[[torch.Tensor], torch.Tensor]
 
 
+# An elementwise term entry against a GEMM multiply-add (strided, memory-bound, and its
+# backward under create_graph); fitted on CPU where the Gram form and Taylor mode cross
+# (a tanh MLP 1000-128x4-m, 64 directions: m = 4-5).
+ELEMENTWISE = 50
 PASS_BYTES = 1 << 28  # tangents of one pass through every node; more directions: chunks
 
 
@@ -64,12 +68,13 @@ def mode(facts: GraphCost, m: int, k: int) -> str:
     """``"gram"`` or ``"taylor"`` for ``k`` directions and ``m`` outputs.
 
     Both push the ``k`` tangents. Taylor mode adds ``k`` coefficients through every layer
-    (about ``k`` forward passes); the Gram form one backward pass per output (about two
-    forward passes) and ``k`` elementwise products per curved entry and output. Ops
-    without a closed Taylor rule leave the Gram form (generic terms).
+    (about ``k`` forward passes, in GEMMs); the Gram form one backward pass per output
+    (about two forward passes) and ``k`` elementwise terms per curved entry and output,
+    each weighed as ``ELEMENTWISE`` multiply-adds of a GEMM. Ops without a closed Taylor
+    rule leave the Gram form (generic terms).
     """
     if not facts.taylor:
         return "gram"
     f = facts.forward_macs
     terms = sum(facts.term_sizes) + 10 * sum(facts.generic_sizes)
-    return "gram" if m * (2 * f + k * terms) <= k * f else "taylor"
+    return "gram" if m * (2 * f + ELEMENTWISE * k * terms) <= k * f else "taylor"
