@@ -124,7 +124,7 @@ def _operator(inst: Instance) -> Prepared:
 
 def _estimate(inst: Instance) -> Prepared:
     """A training step on ``hesse.laplacian_estimate`` with the case's number of random
-    directions (Rademacher, forward mode only)."""
+    (Rademacher) directions."""
     estimate = getattr(hesse, "laplacian_estimate", None)
     if estimate is None:
         raise MissingDependency("not run: hesse.laplacian_estimate does not exist yet")
@@ -162,7 +162,7 @@ if hesse is not None:
     register(
         Method(
             "hesse[estimate]",
-            "hesse.laplacian_estimate (randomized; hook, another engineer's work)",
+            "hesse.laplacian_estimate (randomized; the engine from the directions, Gram form)",
             "hesse",
             _estimate,
             quantities=("laplacian_train",),

@@ -3,8 +3,9 @@
 :func:`trace_estimate` and :func:`diag_estimate` work on :func:`hesse.hessian_operator`'s
 products (one batched product per step for all samples). :func:`laplacian_estimate` is
 for PINN losses: forward mode only, ``v^T H v`` as the second derivative of
-``t -> f(x + t v)`` at 0 (``jvp`` of ``jvp``), with no backward pass, so the estimate
-stays differentiable with ``create_graph=True``.
+``t -> f(x + t v)`` at 0, with no backward pass, so the estimate stays differentiable with
+``create_graph=True``: one pass of the structured engine for all directions
+(:mod:`._directional`), or ``jvp`` of ``jvp`` where the engine cannot run the model.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..errors import ConvergenceWarning, StrategyError, UnsupportedInputError
 from ..planning.problem import Problem, Selection, build_problem
 from ..planning.scope import serialised
 from ..reduced import hessian_diag, laplacian
+from ._directional import engine_second
 from ._stats import Estimate, check_budget
 from .lanczos import random_start
 from .operator import HessianOperator, scalar_problem
@@ -219,6 +221,60 @@ def _directions(
     return S.shape[-1], lambda z: torch.einsum("bnr,kbr->kbn", S, z)
 
 
+def _rng(generator: torch.Generator | None, like: torch.Tensor) -> torch.Generator:
+    """The generator the directions are drawn from."""
+    if generator is not None:
+        return generator
+    if like.device.type == "cuda":
+        return torch.cuda.default_generators[like.device.index or 0]
+    return torch.default_generator
+
+
+def _blocks(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None):
+    """Rademacher ``(k, B, r)`` in one buffer, ``BLOCK`` rows at a time.
+
+    The values of :func:`random_start`'s draws of ``BLOCK`` rows each, without copies.
+    """
+    where = generator.device if generator is not None else like.device
+    z = torch.empty(shape, dtype=like.dtype, device=where)
+    for i in range(0, shape[0], BLOCK):
+        z[i : i + BLOCK].random_(0, 2, generator=generator)
+    return z.mul_(2).sub_(1).to(like.device)
+
+
+def _hutchinson(
+    second: Callable[[torch.Tensor], torch.Tensor], draw: Callable[[int], torch.Tensor],
+    problem: Problem, r: int, num: int | None, rtol: float, atol: float,
+    generator: torch.Generator | None = None, per_call: int | None = None,
+) -> Estimate:  # fmt: skip
+    """Mean of ``second(z)`` over ``num`` directions (or to a tolerance), else exact.
+
+    ``per_call``: a fixed budget in calls of ``second`` of up to ``per_call`` directions
+    (rounded to ``BLOCK``), drawn ``BLOCK`` at a time as the default's blocks are (the
+    same directions).
+    """
+    B, xf = problem.batch, problem.x
+
+    def exact() -> Estimate:
+        eye = torch.eye(r, dtype=xf.dtype, device=xf.device)
+        value = second(eye[:, None, :].expand(r, B, r)).sum(1)
+        return Estimate(value, torch.zeros_like(value), r, 0, True, "exact")
+
+    if r <= (num if num is not None else BLOCK):
+        return exact()
+    whole, block = False, BLOCK
+    if per_call is not None and num is not None:
+        whole, block = True, min(num, max(BLOCK, per_call // BLOCK * BLOCK))
+
+    def sample(k: int) -> torch.Tensor:
+        return second(_blocks((k, B, r), xf, generator) if whole else draw(k))
+
+    run = sample_loop(sample, B, (problem.m,), xf, num, rtol, atol, block, r)
+    if num is None and not bool(run.done.all()):  # past r directions the exact sum is cheaper
+        return exact()
+    return Estimate(run.mean, run.stderr, run.matvecs, run.count, False, "hutchinson")
+
+
 @serialised
 def laplacian_estimate(
     f: Fn,
@@ -235,9 +291,12 @@ def laplacian_estimate(
 ) -> Estimate:
     """Hutchinson Laplacian (or ``sum_ij C_ij d2u/dx_i dx_j``) by forward mode only.
 
-    Each sample is ``v^T H v``, the second derivative of ``t -> f(x + t v)`` at 0
-    (``torch.func.jvp`` of ``jvp``, vectorised over directions), with Rademacher ``v``;
-    with ``sigma`` (``C = S S^T``), ``v = S z``. When the ``n`` coordinate directions
+    Each sample is ``v^T H v``, the second derivative of ``t -> f(x + t v)`` at 0, with
+    Rademacher ``v``; with ``sigma`` (``C = S S^T``), ``v = S z``. Where the structured
+    engine captures the model, the directions are its tangents and one pass gives every
+    ``v^T H v`` (a fixed budget in one pass, up to a memory cap); otherwise
+    ``torch.func.jvp`` of ``jvp``, vectorised over directions, on the same draws (the
+    same estimate up to rounding). When the ``n`` coordinate directions
     (``r`` columns of ``S``) are no more than the samples asked for, their exact sum is
     returned (``exact=True``), by the same forward-mode code.
 
@@ -269,37 +328,38 @@ def laplacian_estimate(
         num = 32
     if not isinstance(create_graph, bool):
         raise UnsupportedInputError(f"{api}: expected create_graph True or False.")
-    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph, capture=False)
-    fn, xf, B = problem.fn, problem.x, problem.batch
+    problem = build_problem(api, f, x, output, batched, keep_graph=create_graph)
+    xf, B = problem.x, problem.batch
     r, to_dirs = _directions(api, sigma, xf)
 
-    def second(z: torch.Tensor) -> torch.Tensor:  # (k, B, r) -> (B, k, m)
+    def by_jvp(z: torch.Tensor) -> torch.Tensor:  # (k, B, r) -> (B, k, m)
         def one(v: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda y: jvp(fn, (y,), (v,))[1], (xf,), (v,))[1]
+            return jvp(lambda y: jvp(problem.fn, (y,), (v,))[1], (xf,), (v,))[1]
 
         return vmap(one)(to_dirs(z)).transpose(0, 1)
 
     def draw(k: int) -> torch.Tensor:
         return random_start((k, B, r), xf.dtype, xf.device, generator, rademacher=True)
 
-    def exact() -> Estimate:
-        eye = torch.eye(r, dtype=xf.dtype, device=xf.device)
-        value = second(eye[:, None, :].expand(r, B, r)).sum(1)
-        return Estimate(value, torch.zeros_like(value), r, 0, True, "exact")
-
     grad_mode = torch.enable_grad() if create_graph else torch.no_grad()
+    engine = None if r <= (num or BLOCK) else engine_second(problem, create_graph)
+    est = None
+    if engine is not None:  # the engine from the directions; any failure: jvp of jvp
+        rng = _rng(generator, xf)
+        state = rng.get_state()
+        on_engine, per_pass = engine
+        try:
+            with grad_mode:
+                est = _hutchinson(
+                    lambda z: on_engine(to_dirs(z)), draw, problem, r, num, rt, at, generator,
+                    per_pass,
+                )  # fmt: skip
+        except Exception:
+            rng.set_state(state)  # the same draws
     try:
-        with grad_mode:
-            if r <= (num if num is not None else BLOCK):
-                est = exact()
-            else:  # with a tolerance, past r directions the exact sum is cheaper
-                sample = lambda k: second(draw(k))  # noqa: E731
-                run = sample_loop(sample, B, (problem.m,), xf, num, rt, at, BLOCK, r)
-                if num is None and not bool(run.done.all()):
-                    est = exact()
-                else:
-                    m, c = run.matvecs, run.count
-                    est = Estimate(run.mean, run.stderr, m, c, False, "hutchinson")
+        if est is None:
+            with grad_mode:
+                est = _hutchinson(by_jvp, draw, problem, r, num, rt, at)
     except UnsupportedInputError:
         raise
     except Exception as exc:

@@ -10,7 +10,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .graph import Graph
-from .rules.base import NoTaylorRule
+from .rules.base import NoTaylorRule, diagonal_pairs
 from .rules.tuples import accumulate
 from .tangents import Record, Seed, find_seed, forward
 
@@ -198,7 +198,7 @@ def _taylor(
     if kind == "laplacian":
         pairs = None
     elif kind == "diag":
-        pairs = (torch.arange(d, device=x.device),) * 2
+        pairs = diagonal_pairs(d, x.device)
     else:
         iu = torch.triu_indices(d, d, device=x.device)
         pairs = (iu[0], iu[1])
@@ -229,6 +229,63 @@ def _taylor(
         result["diag"] = h.diagonal(dim1=-2, dim2=-1)
         result["laplacian"] = result["diag"].sum(-1)
     return result
+
+
+def directional_pass(
+    graph: Graph,
+    inputs: tuple,
+    x: torch.Tensor,
+    to_model: Callable[[torch.Tensor], torch.Tensor],
+    index: torch.Tensor | None,
+    directions: torch.Tensor,
+    mode: str = "taylor",
+    differentiable: bool = False,
+) -> torch.Tensor:
+    """``v_k^T H v_k`` for given directions ``v_k``: ``(s, m, K)``.
+
+    The tangents start as the directions instead of the identity. ``"taylor"``: the
+    diagonal pairs ``(k, k)`` give one second-order coefficient per direction (NOTE:
+    [Taylor mode]), no backward pass. ``"gram"``: one backward pass per selected output,
+    and each curved node adds ``g phi'' J_k^2`` (the diagonal of its term in the
+    directions' coordinates), no coefficients through the linear layers.
+
+    Args:
+        graph: The captured model.
+        inputs: The values of the graph's inputs (parameters, buffers, ...).
+        x: Flat inputs of the sub-batch, ``(s, n)``.
+        to_model: Reshapes ``(s, n)`` to the model's input layout.
+        index: Flat indices of the selected outputs (``None``: all).
+        directions: ``(K, s, n)``.
+        mode: ``"taylor"`` or ``"gram"``.
+        differentiable: Keep the result in autograd's graph.
+
+    Raises:
+        NoTaylorRule: Taylor mode, and a curved op has no closed Taylor rule.
+    """
+    k, s = directions.shape[0], x.shape[0]
+    if graph.input_node is None:  # the model does not read its input
+        zeros = _zeros(graph, inputs, s, 1, index, frozenset({"laplacian"}), x)["laplacian"]
+        return zeros[..., None].expand(*zeros.shape, k)
+    with torch.enable_grad() if differentiable or mode == "gram" else torch.no_grad():
+        xin = to_model(x if differentiable else x.detach())
+        if mode == "gram" and not xin.requires_grad:
+            xin = xin.requires_grad_(True) if xin._base is None else xin.clone().requires_grad_()
+        env = graph.env(inputs, xin)
+        seed = Seed(graph.input_node, k, None, directions.reshape(k, *xin.shape))
+        if mode == "gram":
+            res = forward(graph, env, seed, jacobian=False, differentiable=differentiable)
+            y = res.value.reshape(s, -1)
+            y = y if index is None else y.index_select(1, index)
+            out = _second_order(res.records, xin, y, seed, s, {"diag"}, False, None, differentiable)
+            return out["diag"]
+        pairs = diagonal_pairs(k, x.device)
+        res = forward(
+            graph, env, seed, jacobian=True, taylor=(pairs,), differentiable=differentiable
+        )
+    coeffs = res.second.reshape(k, s, -1)  # type: ignore[union-attr]
+    if index is not None:
+        coeffs = coeffs.index_select(2, index)
+    return coeffs.permute(1, 2, 0)
 
 
 def _adjoints(

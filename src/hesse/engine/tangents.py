@@ -32,11 +32,16 @@ RESHAPES = {"flatten", "view", "reshape", "contiguous", "identity"}
 
 @dataclass
 class Seed:
-    """Where tangents start: the input (``matrix`` is None) or a narrowing Linear layer."""
+    """Where tangents start: the input (``matrix`` is None) or a narrowing Linear layer.
+
+    At the input, ``tangent`` (``(d, *x.shape)``) gives the ``d`` directions; ``None``:
+    the identity (every input entry).
+    """
 
     node: fx.Node
     d: int
     matrix: torch.Tensor | None  # (n1, n): dz1/dx for the bottleneck
+    tangent: torch.Tensor | None = None
 
 
 def find_seed(graph: Graph, env: dict, n: int) -> Seed:
@@ -215,7 +220,9 @@ def forward(
     grad_mode = torch.enable_grad if differentiable else torch.no_grad
     identity: set[fx.Node] = set()
     coeffs: dict[fx.Node, torch.Tensor | None] = {}
-    if seed.matrix is None:
+    if seed.matrix is None and seed.tangent is not None:
+        tangents[placeholder] = seed.tangent
+    elif seed.matrix is None:
         tangents[placeholder] = _identity_tangent(seed.d, x)
         identity.add(placeholder)
     for step in graph.steps:

@@ -121,6 +121,16 @@ def pair_term(
 Pairs = tuple[torch.Tensor, torch.Tensor] | None  # (i, j) indices; None: sum over i == j
 
 
+class Diagonal(tuple):
+    """The pairs ``(i, i)`` of every direction: rules may square tangents, not index them."""
+
+
+def diagonal_pairs(d: int, device: torch.device) -> Diagonal:
+    """``(arange(d), arange(d))``, marked as the whole diagonal."""
+    i = torch.arange(d, device=device)
+    return Diagonal((i, i))
+
+
 class NoTaylorRule(Exception):
     """The op has no exact Taylor-mode rule (internal; the engine uses the Gram form)."""
 

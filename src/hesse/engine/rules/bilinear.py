@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch.func import vmap
 
-from .base import NoTaylorRule, Pairs, Rule, Site
+from .base import Diagonal, NoTaylorRule, Pairs, Rule, Site
 
 
 class BilinearRule(Rule):
@@ -53,6 +53,8 @@ class BilinearRule(Rule):
         both = vmap(site.fn)
         if pairs is None:
             cross = 2 * both(ja, jb).sum(0, keepdim=True)
+        elif isinstance(pairs, Diagonal):
+            cross = 2 * both(ja, jb)
         else:
             i, j = pairs
             cross = both(ja[i], jb[j]) + both(ja[j], jb[i])

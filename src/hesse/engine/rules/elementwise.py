@@ -19,7 +19,7 @@ import torch
 from torch.func import vjp
 
 from .. import kernels
-from .base import Pairs, Rule, Site, per_sample
+from .base import Diagonal, Pairs, Rule, Site, per_sample
 
 
 def _tanh(a: torch.Tensor, y: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +147,11 @@ class ElementwiseRule(Rule):
             if coeff is None:
                 return kernels.run("taylor_first", d2, t)
             return kernels.run("taylor_collapsed", d1, d2, t, coeff)
-        i, j = pairs
-        curv = d2 * (t[i] * t[j])
+        if isinstance(pairs, Diagonal):
+            curv = d2 * (t * t)
+        else:
+            i, j = pairs
+            curv = d2 * (t[i] * t[j])
         return curv if coeff is None else torch.addcmul(curv, d1, coeff)
 
     def transpose(self, site: Site, gdot: torch.Tensor) -> tuple[torch.Tensor, ...]:
