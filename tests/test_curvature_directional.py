@@ -75,12 +75,32 @@ def engine_mode(request, monkeypatch):
     return request.param
 
 
+MODES = [
+    (model, mode)
+    for model in ("mlp", "product", "layernorm", "softmax")
+    for mode in ("taylor", "gram")
+    if mode == "gram" or model not in ("layernorm", "softmax")  # no closed Taylor rule
+]
+
+
+def build_model(model: str) -> nn.Module:
+    return Product() if model == "product" else mlp(norm=None if model == "mlp" else model)
+
+
+@pytest.mark.parametrize("model", ["layernorm", "softmax"])
+def test_ops_without_a_taylor_rule_choose_the_gram_form(model):
+    problem = build_problem("test", build_model(model), torch.randn(5, 24), None, True)
+    engine = _directional.engine_second(problem, False)
+    assert engine is not None
+    assert not _directional.cost(problem).taylor
+    assert _directional.mode(_directional.cost(problem), problem.m, 7) == "gram"
+
+
 @pytest.mark.parametrize("output", [None, 1, [1, 0]])
-@pytest.mark.parametrize("model", ["mlp", "product", "layernorm", "softmax"])
-def test_per_direction_values_are_v_h_v(output, model, engine_mode):
-    if engine_mode == "taylor" and model in ("layernorm", "softmax"):
-        pytest.skip("no closed Taylor rule: the Gram form is chosen")
-    f = Product() if model == "product" else mlp(norm=None if model == "mlp" else model)
+@pytest.mark.parametrize(("model", "forced"), MODES)
+def test_per_direction_values_are_v_h_v(output, model, forced, monkeypatch):
+    monkeypatch.setattr(_directional, "mode", lambda *args: forced)
+    f = build_model(model)
     x = torch.randn(5, 24)
     problem = build_problem("test", f, x, output, True)
     engine = _directional.engine_second(problem, False)

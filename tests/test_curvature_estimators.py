@@ -202,3 +202,22 @@ def test_laplacian_estimate_is_differentiable_to_the_weights():
         torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b, msg=name)
     plain = hesse.laplacian_estimate(f, x, batched=True, num_samples=10)
     assert not plain.value.requires_grad
+
+
+def test_coverage_of_laplacian_confidence_intervals():
+    """95% intervals of the Laplacian estimate cover the exact one in 200 seeded trials.
+
+    d = 200 so that neither budget reaches the exact sum (``exact=False``). Over seeds
+    2026-2028 this gave 0.92-0.97 (fixed, 30 directions) and 0.945-0.955 (to ``atol``, about
+    86 directions); the binomial spread over 200 trials is 1.5 points: 2 sd below 0.95 is
+    allowed.
+    """
+    f = mlp(200, out=1)
+    x = torch.randn(200, 200, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    exact = hesse.laplacian(f, x, batched=True)
+    g = torch.Generator().manual_seed(2026)
+    fixed = hesse.laplacian_estimate(f, x, batched=True, num_samples=30, generator=g)
+    adaptive = hesse.laplacian_estimate(f, x, batched=True, atol=0.033, generator=g)
+    assert not fixed.exact and not adaptive.exact
+    assert _coverage(fixed, exact) >= 0.92
+    assert _coverage(adaptive, exact) >= 0.92
