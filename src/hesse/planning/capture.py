@@ -208,8 +208,11 @@ def capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Bound
 
 
 def try_capture(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Bound | str:
-    """:func:`capture`, or the reason it failed (not tried again while the model's
-    structure is unchanged, see :mod:`.refusals`)."""
+    """:func:`capture`, or the reason it failed.
+
+    A refusal is not tried again while the model's structure is unchanged (see
+    :mod:`.refusals`).
+    """
     known = known_refusal(f, x)
     if known is not None:
         return known
