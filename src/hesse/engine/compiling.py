@@ -150,17 +150,21 @@ class CompiledRunner:
 
     def __call__(self, inputs: tuple, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The program's arrays for ``x`` ``(s, n)`` (see :meth:`.program.Program.__call__`)."""
+        # a result to x that may be differentiated twice: "auto" never runs it compiled,
+        # even where this program was compiled on calls whose x did not require grad
+        twice = self.setting == "auto" and self.differentiable and x.requires_grad
         with self._lock:
             state = self._state
-            if state == "compile":
+            if state == "compile" and not twice:
                 self._state = "compiling"  # one thread compiles; the others run eagerly
-        if state in ("compile", "timing", "compiled"):
+        if state in ("compile", "timing", "compiled") and not twice:
             out = self._run_compiled(inputs, x, first=state == "compile")
             if out is not None:
                 return out
-        if state == "eager" and self.setting == "auto" and self.differentiable and x.requires_grad:
-            self._keep_eager(_ONCE_DIFFERENTIABLE)
-            state = "kept eager"
+        if twice:
+            if state == "eager":
+                self._keep_eager(_ONCE_DIFFERENTIABLE)
+            return self.program(inputs, x, self.differentiable)
         start = _clock(x)
         out = self.program(inputs, x, self.differentiable)
         if state == "eager" and self.setting == "auto":
