@@ -65,3 +65,77 @@ def test_auto_compiled_program_then_x_requiring_grad_stays_twice_differentiable(
     (gw,) = torch.autograd.grad(gx.square().sum(), model[0].weight)
     (ww,) = torch.autograd.grad(want.square().sum(), model[0].weight)
     torch.testing.assert_close(gw, ww, rtol=1e-10, atol=1e-12)
+
+
+class NoGradScale(nn.Module):
+    """A tanh layer whose output is scaled by a function of it computed under no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        with torch.no_grad():
+            c = (h**2).sum(-1, keepdim=True)
+        return self.head(h) * (1 + c)
+
+
+def _hessians(model: nn.Module, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """``(B, m, n, n)`` by nested autograd (which respects the model's no_grad region)."""
+    jac = torch.autograd.functional.jacobian
+
+    def one(xb: torch.Tensor) -> torch.Tensor:
+        def grad(z: torch.Tensor) -> torch.Tensor:
+            return jac(lambda w: model(w[None])[0], z, create_graph=True)
+
+        return jac(grad, xb, create_graph=create_graph)
+
+    return torch.stack([one(xb) for xb in x])
+
+
+@pytest.mark.parametrize("mode", ["gram", "sweep", "taylor"])
+def test_no_grad_region_is_a_constant_in_every_engine_mode(mode, monkeypatch) -> None:
+    from hesse.engine.cost import GraphCost
+
+    best = GraphCost.best
+    monkeypatch.setattr(GraphCost, "best", lambda self, q, m: (mode, best(self, q, m)[1]))
+    model, x = NoGradScale().to(DT), torch.randn(4, 3, dtype=DT)
+    want = _hessians(model, x)
+    got = hesse.hessian(model, x, batched=True, strategy="structured")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if mode != "sweep":
+        lap = hesse.laplacian(model, x, batched=True, strategy="structured")
+        torch.testing.assert_close(lap, want.diagonal(dim1=-2, dim2=-1).sum(-1))
+
+
+@pytest.mark.parametrize("mode", ["gram", "taylor"])
+def test_no_grad_region_in_per_direction_values(mode, monkeypatch) -> None:
+    from hesse.curvature import _directional
+    from hesse.planning.problem import build_problem
+
+    monkeypatch.setattr(_directional, "mode", lambda *args: mode)
+    model, x = NoGradScale().to(DT), torch.randn(4, 3, dtype=DT)
+    engine = _directional.engine_second(build_problem("test", model, x, None, True), False)
+    assert engine is not None
+    V = torch.randint(0, 2, (5, 4, 3), generator=torch.Generator().manual_seed(0)) * 2.0 - 1
+    want = torch.einsum("kbi,bmij,kbj->bkm", V.to(DT), _hessians(model, x), V.to(DT))
+    torch.testing.assert_close(engine[0](V.to(DT)), want, rtol=1e-10, atol=1e-12)
+
+
+def test_no_grad_region_create_graph_gradients_to_the_weights() -> None:
+    """Interpreted calls, then the derivative program's (from the third call)."""
+    model = NoGradScale().to(DT)
+    params = list(model.parameters())
+    for call in range(5):
+        x = torch.randn(4, 3, dtype=DT)
+        got = hesse.laplacian(model, x, batched=True, strategy="structured", create_graph=True)
+        want = _hessians(model, x, create_graph=True).diagonal(dim1=-2, dim2=-1).sum(-1)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        kw = {"allow_unused": True, "materialize_grads": True}
+        grads = torch.autograd.grad(got.square().sum(), params, **kw)
+        wants = torch.autograd.grad(want.square().sum(), params, **kw)
+        for g, w in zip(grads, wants, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"call {call}")

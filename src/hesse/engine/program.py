@@ -119,4 +119,7 @@ def emit(
     # make_fx also records an unused ``detach`` where autograd saves an output; only a
     # ``detach`` whose value is read cuts a gradient path
     cuts = any(n.target is torch.ops.aten.detach.default and n.users for n in calls)
+    # the model's no_grad regions run without autograd while tracing, and leave no mark in
+    # the trace: run with grad enabled, the program would differentiate through them
+    cuts = cuts or any(step.constant for step in graph.steps)
     return Program(module, keys, len(calls), cuts)

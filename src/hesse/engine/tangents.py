@@ -228,7 +228,11 @@ def forward(
     for step in graph.steps:
         values, spec, varying, inputs_t, input_nodes = _inputs(step, env, tangents)
         args, kwargs = tree_unflatten(values, spec)
-        out = step.call(*args, **kwargs)
+        if step.constant:  # a no_grad region of the model: no derivative, to x or weights
+            with torch.no_grad():
+                out = step.call(*args, **kwargs)
+        else:
+            out = step.call(*args, **kwargs)
         env[step.node] = out
         if step.node is seed.node and seed.matrix is not None:
             tangents[step.node] = _identity_tangent(seed.d, out)
