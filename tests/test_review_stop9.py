@@ -139,3 +139,16 @@ def test_no_grad_region_create_graph_gradients_to_the_weights() -> None:
         wants = torch.autograd.grad(want.square().sum(), params, **kw)
         for g, w in zip(grads, wants, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"call {call}")
+
+
+def test_compile_timing_does_not_fire_the_callers_gradient_hooks() -> None:
+    """compile="auto" times one backward of a create_graph program: a parameter's hook
+    must only see the caller's own backward."""
+    model, x = _model(), torch.rand(5, 2, dtype=DT)
+    seen: list[torch.Tensor] = []
+    model[0].weight.register_hook(seen.append)
+    for _ in range(6):
+        lap = hesse.laplacian(model, x, **KW)
+    assert seen == []
+    lap.sum().backward()
+    assert len(seen) == 1
