@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -152,3 +153,72 @@ def test_compile_timing_does_not_fire_the_callers_gradient_hooks() -> None:
     assert seen == []
     lap.sum().backward()
     assert len(seen) == 1
+
+
+def _closure_over(model: nn.Module):
+    return lambda x: model(x)
+
+
+@pytest.mark.parametrize("kind", ["closure", "global", "partial"])
+def test_resume_refuses_a_function_over_other_weights(kind, tmp_path) -> None:
+    """A resumed run must not trust blocks computed with other weights behind a function."""
+    import functools
+
+    import hesse.io
+    from hesse import errors
+
+    first, second = _model(), _model()
+    with torch.no_grad():
+        second[0].weight.add_(1.0)
+    x = torch.rand(4, 2, dtype=DT)
+    path = tmp_path / "H.npy"
+
+    def f_of(model: nn.Module):
+        if kind == "closure":
+            return _closure_over(model)
+        if kind == "partial":
+            return functools.partial(_apply, model)
+        global _GLOBAL_MODEL
+        _GLOBAL_MODEL = model
+        return _through_global
+
+    kw = {"batched": True, "progress": False}
+    hesse.io.compute_to("hessian", f_of(first), x, out=path, **kw)
+    with pytest.raises(errors.ResumeMismatchError, match="model"):
+        hesse.io.compute_to("hessian", f_of(second), x, out=path, resume=True, **kw)
+    again = hesse.io.compute_to("hessian", f_of(first), x, out=path, resume=True, **kw)
+    want = vmap(hessian(lambda z: first(z[None])[0]))(x)
+    torch.testing.assert_close(torch.from_numpy(np.array(again)), want, rtol=1e-10, atol=1e-12)
+
+
+def _apply(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+_GLOBAL_MODEL: nn.Module | None = None
+
+
+def _through_global(x: torch.Tensor) -> torch.Tensor:
+    return _GLOBAL_MODEL(x)  # type: ignore[misc]
+
+
+class Shifted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+        self.register_buffer("shift", torch.zeros(2, dtype=DT), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + self.shift) ** 2
+
+
+def test_resume_refuses_other_non_persistent_buffers(tmp_path) -> None:
+    import hesse.io
+    from hesse import errors
+
+    model, x, path = Shifted(), torch.rand(4, 2, dtype=DT), tmp_path / "H.npy"
+    kw = {"batched": True, "progress": False}
+    hesse.io.compute_to("hessian", model, x, out=path, **kw)
+    model.shift.fill_(0.5)
+    with pytest.raises(errors.ResumeMismatchError, match="model"):
+        hesse.io.compute_to("hessian", model, x, out=path, resume=True, **kw)

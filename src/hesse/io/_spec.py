@@ -6,6 +6,7 @@ forward pass of one sample; everything here is independent of the number of proc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable
@@ -211,14 +212,67 @@ def fingerprint_data(data: Any, batched: bool) -> str:
 
 
 def fingerprint_model(f: Any) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes, bytes); a name for a function."""
+    """SHA-256 of a module's state (names, dtypes, shapes, bytes), or of a function.
+
+    A function counts by its name and code and the state of the modules and tensors it
+    reads (closure cells, defaults, globals it names, a bound method's object, a
+    ``functools.partial``'s arguments): a resume with other weights is refused.
+    """
     h = hashlib.sha256()
+    _fingerprint_into(h, f, depth=0, seen=set())
+    return h.hexdigest()[:32]
+
+
+def _fingerprint_into(h: Any, f: Any, depth: int, seen: set[int]) -> None:
+    if id(f) in seen or depth > 4:
+        return
+    seen.add(id(f))
     if isinstance(f, torch.nn.Module):
         h.update(type(f).__qualname__.encode())
-        for name, t in f.state_dict().items():
+        state = f.state_dict()
+        kept = {id(t) for t in state.values()}
+        extra = [(n, t) for n, t in f.named_buffers() if id(t) not in kept]  # persistent=False
+        for name, t in [*state.items(), *extra]:
             t = t.detach().cpu().contiguous()
             h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    else:
-        h.update(getattr(f, "__qualname__", type(f).__qualname__).encode())
-    return h.hexdigest()[:32]
+        return
+    if isinstance(f, torch.Tensor):
+        t = f.detach().cpu().contiguous()
+        h.update(f"tensor{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return
+    h.update(getattr(f, "__qualname__", type(f).__qualname__).encode())
+    reads: list[Any] = []
+    if isinstance(f, functools.partial):
+        reads += [f.func, *f.args, *f.keywords.values()]
+    self_ = getattr(f, "__self__", None)
+    if self_ is not None and not isinstance(self_, type(functools)):
+        reads.append(self_)
+    code = getattr(f, "__code__", None)
+    if code is not None:
+        h.update(code.co_code)
+        cells = getattr(f, "__closure__", None) or ()
+        reads += [c.cell_contents for c in cells if _filled(c)]
+        reads += list(getattr(f, "__defaults__", None) or ())
+        names = getattr(f, "__globals__", {})
+        reads += [names[n] for n in code.co_names if n in names]
+    for value in reads:
+        if isinstance(value, torch.nn.Module | torch.Tensor) or (
+            callable(value) and not isinstance(value, type) and not _is_library(value)
+        ):
+            _fingerprint_into(h, value, depth + 1, seen)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _is_library(value: Any) -> bool:
+    """Functions of torch, NumPy, hesse and the standard library: nothing of the caller's."""
+    module = getattr(value, "__module__", None) or ""
+    return module.split(".")[0] in {"torch", "numpy", "hesse", "builtins", "math", "functools"}
