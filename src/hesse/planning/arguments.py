@@ -41,6 +41,13 @@ class WithArguments(nn.Module):
         return self.f(x, *self.args, **self.kwargs)
 
 
+def unwrap(f: object) -> object:
+    """The caller's model: ``args=``/``kwargs=`` wrap it afresh at every call."""
+    while isinstance(f, WithArguments):
+        f = f.f
+    return f
+
+
 def with_arguments(
     api: str, f: Callable[..., torch.Tensor], args: Any, kwargs: Any
 ) -> Callable[..., torch.Tensor]:

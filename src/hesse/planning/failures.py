@@ -11,7 +11,7 @@ import contextlib
 import threading
 import weakref
 
-from .arguments import WithArguments
+from .arguments import unwrap
 from .problem import Problem
 
 
@@ -26,13 +26,6 @@ _UNCAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNCAPTURED_LOCK = threading.Lock()
 
 
-def _owner(model: object) -> object:
-    """The caller's model: ``args=``/``kwargs=`` wrap it afresh at every call."""
-    while isinstance(model, WithArguments):
-        model = model.f
-    return model
-
-
 def remember_failure(problem: Problem, key: tuple, reason: str) -> None:
     """Remembers that a strategy failed on this model."""
     if problem.anchor is not None:
@@ -41,7 +34,7 @@ def remember_failure(problem: Problem, key: tuple, reason: str) -> None:
             capture.facts[(problem.batched, key)] = reason
         return
     with _UNCAPTURED_LOCK, contextlib.suppress(TypeError):  # not weak-referenceable
-        _UNCAPTURED.setdefault(_owner(problem.model), {})[key] = reason
+        _UNCAPTURED.setdefault(unwrap(problem.model), {})[key] = reason
 
 
 _WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -51,7 +44,7 @@ def first_warning(problem: Problem, failures: tuple[str, ...]) -> bool:
     """Whether this model object has not been warned of these failures yet."""
     with _UNCAPTURED_LOCK:
         try:
-            seen = _WARNED.setdefault(_owner(problem.model), set())
+            seen = _WARNED.setdefault(unwrap(problem.model), set())
         except TypeError:  # not weak-referenceable: warn every time
             return True
         new = failures not in seen
@@ -65,6 +58,6 @@ def known_failure(problem: Problem, key: tuple) -> str:
         return problem.fact(key, str)
     with _UNCAPTURED_LOCK:
         try:
-            return _UNCAPTURED.get(_owner(problem.model), {}).get(key, "")
+            return _UNCAPTURED.get(unwrap(problem.model), {}).get(key, "")
         except TypeError:
             return ""

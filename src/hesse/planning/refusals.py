@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import nn
 
-from .arguments import WithArguments
+from .arguments import WithArguments, unwrap
 
 _REFUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -86,16 +86,20 @@ def _owner_and_key(f: Callable, x: torch.Tensor) -> tuple[object, Hashable] | No
 
 
 def known_refusal(f: Callable, x: torch.Tensor) -> str | None:
-    """Why TorchDynamo refused this model in this structure before (None: not known)."""
-    found = _owner_and_key(f, x)
-    if found is None:
-        return None
-    owner, key = found
+    """Why TorchDynamo refused this model in this structure before (None: not known).
+
+    The structure is read only for models refused before: a captured model's calls pay
+    one dictionary lookup here.
+    """
     with _LOCK:
         try:
-            return _REFUSED.get(owner, {}).get(key)
+            refused = _REFUSED.get(unwrap(f))
         except TypeError:  # not weak-referenceable
             return None
+    if not refused:
+        return None
+    found = _owner_and_key(f, x)
+    return None if found is None else refused.get(found[1])
 
 
 def remember_refusal(f: Callable, x: torch.Tensor, reason: str) -> None:
