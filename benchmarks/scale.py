@@ -175,10 +175,9 @@ def peak_memory(work: Path, sink: str, strategy: str) -> dict:
     }
 
 
-def throughput(work: Path, samples: int) -> dict:
-    x = np.random.default_rng(0).standard_normal((samples, 1, 8, 8)).astype("float32")
-    np.save(work / "digits.npy", x)
-    args = (
+def _cnn8_args(work: Path) -> tuple:
+    """``hesse compute`` arguments of the per-sample workload (8x8 CNN, logit 3)."""
+    return (
         "benchmarks.scale:cnn8",
         work / "digits.npy",
         "--quantity",
@@ -189,6 +188,12 @@ def throughput(work: Path, samples: int) -> dict:
         "--block-size",
         "32",
     )
+
+
+def throughput(work: Path, samples: int) -> dict:
+    x = np.random.default_rng(0).standard_normal((samples, 1, 8, 8)).astype("float32")
+    np.save(work / "digits.npy", x)
+    args = _cnn8_args(work)
     res = {}
     for name, argv, env in [
         ("1proc_2threads", _hesse(*args, "--out", work / "t1.npy"), _env()),
@@ -225,17 +230,7 @@ def throughput(work: Path, samples: int) -> dict:
 
 
 def resume(work: Path) -> dict:
-    args = (
-        "benchmarks.scale:cnn8",
-        work / "digits.npy",
-        "--quantity",
-        "hessian",
-        "--batched",
-        "--output",
-        "3",
-        "--block-size",
-        "32",
-    )
+    args = _cnn8_args(work)
     full = _watch(_hesse(*args, "--out", work / "r_full.npy"), _env())
     out = work / "r.npy"
     killed = _watch(_hesse(*args, "--out", out), _env(), kill_at=(out, 0.5))
