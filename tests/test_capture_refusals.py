@@ -111,3 +111,27 @@ def test_a_rebound_closure_tries_again(traces: list[int]) -> None:
     want = hessian(lambda z: (scale * z.tanh()).sum() ** 2)(x)
     got = hesse.hessian(f, x)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+class FlaggedHead(Head):
+    """``Head`` with a plain attribute that changes its output."""
+
+    scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * super().forward(x)
+
+
+def test_a_refused_model_reads_reassigned_parameters_and_attributes(traces: list[int]) -> None:
+    """The refusal is kept (same structure), and the answers follow the model's changes."""
+    torch.manual_seed(3)
+    model = FlaggedHead(nn.GRU(3, 4, batch_first=True)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    check(model, x)
+    model.out.weight = nn.Parameter(torch.randn(1, 4, dtype=torch.float64))  # same shape
+    check(model, x)
+    model.scale = -2.5
+    check(model, x)
+    model.out.bias.data.add_(0.7)  # in place
+    check(model, x)
+    assert traces[0] == 1  # one structure: traced once, every answer still right
