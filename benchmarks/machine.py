@@ -100,6 +100,7 @@ def environment(threads: int) -> dict[str, Any]:
         "git": _git_commit(),
         "load_average": load_average(),
         "note": os.environ.get("HESSE_BENCH_THREAD_NOTE", "peer threads not set"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
